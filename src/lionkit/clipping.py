@@ -1,0 +1,48 @@
+"""Gradient clipping that Lion applies before its update: bitsandbytes' percentile clipping
+(per parameter, from a ring of past gradient norms), and braintools/optax's global-norm and
+elementwise clipping. Functions return scales; the kernels apply them, so ``p.grad`` is never
+modified."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+GNORM_HISTORY = 100
+
+
+def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """sum(g^2) accumulated in fp32 (bf16/fp16 gradients included), as a 0-dim tensor."""
+    return torch.linalg.vector_norm(g, 2, dtype=torch.float32).square()
+
+
+def percentile_scale(
+    gnorm_vec: torch.Tensor, sq_norm: torch.Tensor, step: int, percentile: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' percentile clipping (SPEC 2), without touching ``gnorm_vec``.
+
+    Returns (the ring as it is after this step, the gradient scale as a 0-dim tensor):
+    the slot ``step % 100`` holds this step's squared norm (every slot at step 1);
+    clip = sqrt(sorted(ring)[percentile]); scale = clip/current if current > clip else 1.
+    """
+    ring = gnorm_vec.clone()
+    if step == 1:
+        ring.fill_(sq_norm)
+    else:
+        ring[step % GNORM_HISTORY] = sq_norm
+    current = ring[step % GNORM_HISTORY].sqrt()
+    # percentile == 100 would index past the ring; it means "off" and never reaches here
+    clip = ring.sort().values[percentile].sqrt()
+    scale = torch.where(current > clip, clip / current, torch.ones_like(current))
+    return ring, scale
+
+
+def global_norm_scale(sq_norms: Sequence[torch.Tensor], scales: Sequence[float], max_norm: float) -> float:
+    """max_norm / ||g|| if the global L2 norm of the (already scaled) gradients exceeds
+    ``max_norm``, else 1 (braintools' ``clip_by_global_norm``, computed once over every
+    parameter of the optimizer)."""
+    total = sum(float(s) ** 2 * float(n) for s, n in zip(scales, sq_norms))
+    norm = math.sqrt(total)
+    return max_norm / norm if norm > max_norm else 1.0

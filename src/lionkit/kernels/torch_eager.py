@@ -1,0 +1,122 @@
+"""Plain PyTorch update, fp32 math, processed in chunks of whole blocks so a step allocates
+O(chunk) temporaries rather than O(parameter). Works on any device; the fallback path."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import quant
+from ..qstate import QuantizedState
+from .base import Momentum, StepHyper
+
+CHUNK = 1 << 18  # elements per chunk (a multiple of the block size): ~1 MiB per fp32 temporary
+
+
+def _direction(m: torch.Tensor, g: torch.Tensor, hp: StepHyper) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new fp32 gradient after scaling/clamping, sign of the interpolation)."""
+    if hp.grad_scale != 1.0:
+        g = g * hp.grad_scale
+    if hp.clip_value is not None:
+        g = g.clamp(-hp.clip_value, hp.clip_value)
+    # interpolation, used only for its sign
+    c = hp.beta1 * m + (1 - hp.beta1) * g
+    return g, torch.sign(c)
+
+
+def _update_chunk(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, hp: StepHyper) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (new p, new m) for one chunk; inputs are not modified."""
+    p0 = p.to(torch.float32)
+    g, direction = _direction(m, g.to(torch.float32), hp)
+    # stepweight decay
+    pf = p0 * (1 - hp.lr * hp.weight_decay) if hp.weight_decay != 0 else p0
+    # weight update
+    p_new = pf - hp.lr * direction
+    # decay the momentum
+    m_new = hp.beta2 * m + (1 - hp.beta2) * g
+    if hp.skip_zeros:
+        zero = g == 0
+        p_new = torch.where(zero, p0, p_new)
+        m_new = torch.where(zero, m, m_new)
+    return p_new, m_new
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1)
+
+
+def step_32bit(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, hp: StepHyper) -> None:
+    pf, gf, mf = _flat(p), _flat(g), _flat(m)
+    for s in range(0, pf.numel(), CHUNK):
+        sl = slice(s, s + CHUNK)
+        p_new, m_new = _update_chunk(pf[sl], gf[sl], mf[sl], hp)
+        pf[sl].copy_(p_new)  # the one write-back of p (rounded to p's dtype)
+        mf[sl].copy_(m_new)
+
+
+def _quantize_into(m_new: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, qmap: torch.Tensor) -> None:
+    normed = torch.where(scale > 0, m_new / scale, torch.zeros_like(m_new))
+    codes.copy_(quant.nearest_code(normed, qmap))
+
+
+def step_8bit(p: torch.Tensor, g: torch.Tensor, q: QuantizedState, hp: StepHyper) -> None:
+    pf, gf, codes = _flat(p), _flat(g), _flat(q.codes)
+    n = pf.numel()
+    if q.block_size is None:
+        # One scale for the tensor, taken from the *updated* momentum: pass 1 updates p and
+        # finds max |m_new|; pass 2 recomputes m_new (deterministically) and quantizes it.
+        scale_old = q.absmax.reshape(1)
+        amax = torch.zeros((), dtype=torch.float32, device=pf.device)
+        for s in range(0, n, CHUNK):
+            sl = slice(s, s + CHUNK)
+            m = q.qmap[codes[sl].long()] * scale_old
+            p_new, m_new = _update_chunk(pf[sl], gf[sl], m, hp)
+            pf[sl].copy_(p_new)
+            amax = torch.maximum(amax, m_new.abs().amax())
+        for s in range(0, n, CHUNK):
+            sl = slice(s, s + CHUNK)
+            m = q.qmap[codes[sl].long()] * scale_old
+            g_s = gf[sl].to(torch.float32)
+            g_s, _ = _direction(m, g_s, hp)
+            m_new = hp.beta2 * m + (1 - hp.beta2) * g_s
+            if hp.skip_zeros:
+                m_new = torch.where(g_s == 0, m, m_new)
+            _quantize_into(m_new, codes[sl], amax, q.qmap)
+        q.absmax.copy_(amax.reshape(q.absmax.shape))
+        return
+    bs = q.block_size
+    assert CHUNK % bs == 0
+    for s in range(0, n, CHUNK):
+        sl = slice(s, s + CHUNK)
+        b0 = s // bs
+        nb = quant.num_blocks(min(CHUNK, n - s), bs)
+        absmax = q.absmax[b0 : b0 + nb]
+        m = quant.dequantize(codes[sl], absmax, q.qmap, bs)
+        p_new, m_new = _update_chunk(pf[sl], gf[sl], m, hp)
+        pf[sl].copy_(p_new)
+        new_absmax = quant.block_absmax(m_new, bs)
+        _quantize_into(m_new, codes[sl], quant._expand_scale(new_absmax, m_new.numel(), bs), q.qmap)
+        absmax.copy_(new_absmax)
+
+
+class TorchBackend:
+    """Eager PyTorch, any device."""
+
+    name = "torch"
+
+    def supports(self, p: torch.Tensor, m: Momentum) -> bool:
+        return True
+
+    def step_many(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        moms: Sequence[Momentum],
+        hypers: Sequence[StepHyper],
+    ) -> None:
+        for p, g, m, hp in zip(params, grads, moms, hypers):
+            if isinstance(m, QuantizedState):
+                step_8bit(p, g, m, hp)
+            else:
+                step_32bit(p, g, m, hp)

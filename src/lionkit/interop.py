@@ -1,0 +1,412 @@
+"""One 8-bit Lion state format across PyTorch, JAX and MLX, with numpy as the neutral form.
+
+Every lionkit front end stores Lion's momentum the same way: fp32 for small parameters (fewer
+than ``min_8bit_size`` elements) or 32-bit optimizers, and otherwise uint8 ``codes`` into the
+256-value signed dynamic map (bitsandbytes' ``create_dynamic_map(signed=True)``) times one fp32
+``absmax`` per block of 256 elements (or per tensor). The same codes come out of all three
+front ends for the same momentum, so a state can move between them without loss:
+
+    torch optimizer --from_torch--> [MomentumState, ...] --to_jax-->  optax state
+                                     (numpy; save_npz)   --to_mlx-->  MLX optimizer state
+
+Parameters are matched by position: the order of ``optimizer.param_groups`` in PyTorch, of
+``jax.tree.leaves(params)`` in JAX, of ``mlx.utils.tree_flatten(params)`` in MLX. Shapes are
+checked at every step, so a wrong order fails loudly instead of loading the wrong momenta.
+
+This module imports no framework at import time (numpy only), so the JAX and MLX front ends
+and a torch-free Python can use the map and the converters; each ``*_torch``, ``*_jax`` and
+``*_mlx`` function imports its framework when called.
+
+Example, PyTorch -> JAX -> PyTorch::
+
+    states = interop.from_torch(torch_opt)            # list of MomentumState (numpy)
+    opt_state = interop.to_jax(states, tx.init(params))
+    ...                                               # train in JAX
+    interop.to_torch(interop.from_jax(opt_state), torch_opt)
+
+and for MLX: ``interop.to_mlx(states, opt, model.trainable_parameters())`` and
+``interop.from_mlx(opt, model.trainable_parameters())``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+BLOCK_SIZE = 256
+"""Elements per block (bitsandbytes' optimizer block size; the only block-wise size PyTorch reads)."""
+MAP_SIZE = 256
+
+
+# --------------------------------------------------------------------------- the format (numpy)
+@functools.lru_cache(maxsize=None)
+def _dynamic_map() -> np.ndarray:
+    values: list[np.ndarray] = []
+    f32 = np.float32
+    for i in range(7):
+        n = 2**i + 1
+        # torch.linspace(0.1, 1.0, n) in fp32, reproduced: step = (end - start) / (n - 1) in
+        # fp32, then start + step*k for the first half and end - step*(n-1-k) for the second,
+        # each rounded once to fp32 (torch fuses the multiply-add). float64 holds the exact
+        # product and sum, so one cast gives the same single rounding without torch.
+        start, end = f32(0.1), f32(1.0)
+        step = f32((end - start) / f32(n - 1))
+        k = np.arange(n, dtype=np.float64)
+        lo = np.float64(start) + np.float64(step) * k
+        hi = np.float64(end) - np.float64(step) * (n - 1 - k)
+        bounds = np.where(k < n // 2, lo, hi).astype(f32)
+        means = (bounds[:-1] + bounds[1:]) / f32(2.0)
+        scaled = means * f32(10.0 ** (i - 6))  # the Python scale is rounded to fp32 first, as in torch
+        values += [scaled, -scaled]
+    values.append(np.array([0.0, 1.0], dtype=f32))
+    qmap = np.sort(np.concatenate(values).astype(f32))
+    assert qmap.size == MAP_SIZE
+    qmap.setflags(write=False)
+    return qmap
+
+
+def dynamic_map() -> np.ndarray:
+    """The 256-entry signed dynamic map as a float32 numpy array, bit-identical to
+    ``lionkit.quant.dynamic_map()`` (and bitsandbytes'), computed without torch."""
+    return _dynamic_map().copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _thresholds(key: bytes) -> tuple[np.ndarray, int]:
+    q = np.frombuffer(key, dtype=np.float32).astype(np.float64)
+    mid = (q[:-1] + q[1:]) / 2  # exact in float64 for two float32 values
+    t = mid.astype(np.float32)
+    # smallest float32 >= the exact midpoint: `x >= t` then decides `x >= mid` exactly
+    below = t.astype(np.float64) < mid
+    t = np.where(below, np.nextafter(t, np.float32(np.inf)), t).astype(np.float32)
+    t.setflags(write=False)
+    return t, int(np.flatnonzero(q == 0)[0])
+
+
+def code_thresholds(qmap: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+    """(255 float32 decision thresholds, index of the zero code) for ``qmap`` (default: the
+    dynamic map). Same values as ``lionkit.quant.code_thresholds``: code = number of
+    thresholds <= x, which is the nearest map value with ties going to the larger code."""
+    q = _dynamic_map() if qmap is None else np.ascontiguousarray(qmap, dtype=np.float32)
+    return _thresholds(q.tobytes())
+
+
+def num_blocks(numel: int, block_size: Optional[int]) -> int:
+    """Number of scales: ceil(numel / block_size), or 1 per tensor (``block_size=None``)."""
+    if block_size is None:
+        return 1
+    return max(1, -(-numel // block_size))
+
+
+def _expand(absmax: np.ndarray, numel: int, block_size: Optional[int]) -> np.ndarray:
+    if block_size is None:
+        return np.broadcast_to(absmax.reshape(1), (numel,))
+    return np.repeat(absmax, block_size)[:numel]
+
+
+def quantize(x: np.ndarray, block_size: Optional[int] = BLOCK_SIZE, qmap: Optional[np.ndarray] = None):
+    """numpy reference quantizer: (uint8 codes shaped like ``x``, float32 absmax per block).
+
+    The same rules as ``lionkit.quant.quantize``: absmax = max |x| over the block, code =
+    nearest map value to x/absmax (ties to the larger code), a nonzero value never gets the
+    zero code or a code of the other sign."""
+    x = np.asarray(x, dtype=np.float32)
+    flat = x.reshape(-1)
+    nb = num_blocks(flat.size, block_size)
+    padded = np.zeros(nb * (block_size or max(flat.size, 1)), dtype=np.float32)
+    padded[: flat.size] = np.abs(flat)
+    absmax = padded.reshape(nb, -1).max(axis=1).astype(np.float32)
+    scale = _expand(absmax, flat.size, block_size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normed = np.where(scale > 0, flat / scale, np.float32(0)).astype(np.float32)
+    t, zero = code_thresholds(qmap)
+    codes = np.searchsorted(t, normed, side="right")
+    codes = np.where((normed > 0) & (codes <= zero), zero + 1, codes)
+    codes = np.where((normed < 0) & (codes >= zero), zero - 1, codes)
+    return codes.astype(np.uint8).reshape(x.shape), absmax
+
+
+def dequantize(
+    codes: np.ndarray, absmax: np.ndarray, block_size: Optional[int] = BLOCK_SIZE, qmap: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """float32 ``qmap[codes] * absmax[block]``, shaped like ``codes``."""
+    q = _dynamic_map() if qmap is None else np.asarray(qmap, dtype=np.float32)
+    flat = q[np.asarray(codes).reshape(-1).astype(np.int64)]
+    return (flat * _expand(np.asarray(absmax, np.float32), flat.size, block_size)).reshape(np.shape(codes))
+
+
+def infer_block_size(numel: int, n_scales: int) -> Optional[int]:
+    """Block size of a saved 8-bit state from its number of scales: 256 when it has one per
+    256 elements, None (per tensor) when it has one scale for more than 256 elements."""
+    if n_scales == num_blocks(numel, BLOCK_SIZE):
+        return BLOCK_SIZE
+    if n_scales == 1:
+        return None
+    raise ValueError(
+        f"absmax has {n_scales} scales for {numel} elements: expected {num_blocks(numel, BLOCK_SIZE)} "
+        f"(blocks of {BLOCK_SIZE}) or 1 (per tensor)"
+    )
+
+
+# --------------------------------------------------------------------------- the neutral state
+@dataclass
+class MomentumState:
+    """One parameter's Lion momentum in the neutral (numpy) form.
+
+    Either ``momentum`` (float32, shaped like the parameter) for 32-bit state, or ``codes``
+    (uint8, shaped like the parameter) with ``absmax`` (float32, one per block of
+    ``block_size`` elements, or one per tensor when ``block_size`` is None) for 8-bit state.
+    ``step`` counts the updates this momentum has seen.
+    """
+
+    step: int
+    shape: tuple[int, ...]
+    momentum: Optional[np.ndarray] = None
+    codes: Optional[np.ndarray] = None
+    absmax: Optional[np.ndarray] = None
+    block_size: Optional[int] = BLOCK_SIZE
+    qmap: np.ndarray = field(default_factory=dynamic_map)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if (self.momentum is None) == (self.codes is None):
+            raise ValueError("MomentumState needs exactly one of 'momentum' (32-bit) or 'codes' (8-bit)")
+        if self.momentum is not None:
+            self.momentum = np.asarray(self.momentum, dtype=np.float32)
+            _check_shape("momentum", self.momentum.shape, self.shape)
+        else:
+            self.codes = np.asarray(self.codes)
+            if self.codes.dtype != np.uint8:
+                raise ValueError(f"codes must be uint8, got {self.codes.dtype}")
+            _check_shape("codes", self.codes.shape, self.shape)
+            if self.absmax is None:
+                raise ValueError("8-bit MomentumState needs 'absmax'")
+            self.absmax = np.asarray(self.absmax, dtype=np.float32).reshape(-1)
+            want = num_blocks(self.codes.size, self.block_size)
+            if self.absmax.size != want:
+                raise ValueError(
+                    f"absmax has {self.absmax.size} scales, expected {want} for {self.codes.size} elements "
+                    f"with block_size={self.block_size}"
+                )
+        self.qmap = np.asarray(self.qmap, dtype=np.float32)
+        if self.qmap.shape != (MAP_SIZE,):
+            raise ValueError(f"qmap must hold {MAP_SIZE} values, got shape {self.qmap.shape}")
+
+    @property
+    def is_8bit(self) -> bool:
+        """True for uint8 codes + scales, False for fp32 momentum."""
+        return self.codes is not None
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 momentum this state stands for."""
+        if self.momentum is not None:
+            return self.momentum.copy()
+        return dequantize(self.codes, self.absmax, self.block_size, self.qmap)
+
+    def __repr__(self) -> str:
+        kind = f"8-bit, block_size={self.block_size}" if self.is_8bit else "fp32"
+        return f"MomentumState(step={self.step}, shape={self.shape}, {kind})"
+
+
+def _check_shape(name: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise ValueError(f"{name} shape {tuple(got)} does not match parameter shape {tuple(want)}")
+
+
+def _check_standard_map(states: Sequence[MomentumState], where: str) -> None:
+    std = _dynamic_map()
+    for i, st in enumerate(states):
+        if st.is_8bit and not np.array_equal(st.qmap, std):
+            raise ValueError(
+                f"parameter {i}: its 8-bit state uses a custom quantization map; the {where} front end "
+                "only supports lionkit's standard dynamic map"
+            )
+
+
+def _global_step(states: Sequence[MomentumState]) -> int:
+    # JAX and MLX keep one step count for all parameters; PyTorch keeps one per parameter,
+    # equal unless some parameters had no gradient on some steps. The largest is the number
+    # of optimizer steps taken.
+    return max((st.step for st in states), default=0)
+
+
+def _check_count(states: Sequence[MomentumState], n: int, where: str) -> None:
+    if len(states) != n:
+        raise ValueError(f"got {len(states)} momentum states, but the {where} has {n} parameters")
+
+
+def save_npz(path, states: Sequence[MomentumState]) -> None:
+    """Write states to one ``.npz`` file readable without any framework (see ``load_npz``)."""
+    arrays: dict[str, np.ndarray] = {"count": np.array(len(states))}
+    for i, st in enumerate(states):
+        arrays[f"{i}.step"] = np.array(st.step, dtype=np.int64)
+        arrays[f"{i}.shape"] = np.array(st.shape, dtype=np.int64)
+        if st.is_8bit:
+            arrays[f"{i}.codes"] = st.codes
+            arrays[f"{i}.absmax"] = st.absmax
+            arrays[f"{i}.block_size"] = np.array(-1 if st.block_size is None else st.block_size, dtype=np.int64)
+            arrays[f"{i}.qmap"] = st.qmap
+        else:
+            arrays[f"{i}.momentum"] = st.momentum
+    np.savez(path, **arrays)
+
+
+def load_npz(path) -> list[MomentumState]:
+    """Read states written by ``save_npz``."""
+    with np.load(path) as f:
+        out = []
+        for i in range(int(f["count"])):
+            common = dict(step=int(f[f"{i}.step"]), shape=tuple(int(s) for s in f[f"{i}.shape"]))
+            if f"{i}.codes" in f:
+                bs = int(f[f"{i}.block_size"])
+                out.append(
+                    MomentumState(
+                        **common,
+                        codes=f[f"{i}.codes"],
+                        absmax=f[f"{i}.absmax"],
+                        block_size=None if bs < 0 else bs,
+                        qmap=f[f"{i}.qmap"],
+                    )
+                )
+            else:
+                out.append(MomentumState(**common, momentum=f[f"{i}.momentum"]))
+    return out
+
+
+# --------------------------------------------------------------------------- PyTorch
+def from_torch(optimizer_or_state_dict: Any) -> list[MomentumState]:
+    """States of a lionkit (or bitsandbytes) Lion optimizer, in ``param_groups`` order.
+
+    Accepts the optimizer or its ``state_dict()`` (plain or bitsandbytes' nested layout).
+    A parameter that has no state yet (never stepped) raises ValueError: it has no shape in
+    a state dict; step the optimizer once or leave such parameters out."""
+    import torch  # noqa: F401  (a state dict holds torch tensors)
+
+    from . import checkpoint
+
+    sd = optimizer_or_state_dict
+    if hasattr(sd, "state_dict") and callable(sd.state_dict):
+        sd = sd.state_dict()
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("from_torch expects a lionkit optimizer or its state_dict()")
+    out = []
+    for gi, group in enumerate(sd["param_groups"]):
+        for key in group["params"]:
+            if key not in sd["state"]:
+                raise ValueError(f"parameter id {key!r} of param group {gi} has no state (never stepped)")
+            st = checkpoint.flatten_param_state(sd["state"][key])
+            s1 = st.get("state1", st.get("exp_avg"))
+            if s1 is None:
+                raise ValueError(f"parameter id {key!r}: state has no momentum ('state1')")
+            step = int(st.get("step", 0))
+            shape = tuple(s1.shape)
+            if s1.dtype.is_floating_point:
+                out.append(MomentumState(step, shape, momentum=_np_copy(s1.float())))
+                continue
+            absmax = _np_copy(st["absmax1"].float()).reshape(-1)
+            qmap = st.get("qmap1")
+            out.append(
+                MomentumState(
+                    step,
+                    shape,
+                    codes=_np_copy(s1),
+                    absmax=absmax,
+                    block_size=infer_block_size(s1.numel(), absmax.size),
+                    qmap=_dynamic_map() if qmap is None else _np_copy(qmap),
+                )
+            )
+    return out
+
+
+def _np_copy(t: Any) -> np.ndarray:
+    # .numpy() shares memory with the tensor, which the optimizer updates in place
+    return t.detach().cpu().numpy().copy()
+
+
+def to_torch(states: Sequence[MomentumState], optimizer: Any) -> None:
+    """Load ``states`` into a lionkit PyTorch optimizer (matched by ``param_groups`` order,
+    shapes checked). Goes through ``optimizer.load_state_dict``, so hyperparameters stay and
+    the optimizer converts a state whose width differs from its own configuration."""
+    import torch
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    _check_count(states, len(params), "PyTorch optimizer")
+    sd = optimizer.state_dict()
+    keys = [k for g in sd["param_groups"] for k in g["params"]]
+    new_state = {}
+    for i, (key, p, st) in enumerate(zip(keys, params, states)):
+        if tuple(p.shape) != st.shape:
+            raise ValueError(f"parameter {i}: state shape {st.shape} does not match parameter shape {tuple(p.shape)}")
+        if st.is_8bit:
+            if st.block_size not in (BLOCK_SIZE, None):
+                raise ValueError(
+                    f"parameter {i}: block_size={st.block_size}; PyTorch reads blocks of {BLOCK_SIZE} or per-tensor"
+                )
+            entry = {
+                "step": st.step,
+                "state1": torch.from_numpy(st.codes.copy()),
+                "absmax1": torch.from_numpy(st.absmax.copy()),
+                "qmap1": torch.from_numpy(st.qmap.copy()),
+            }
+        else:
+            entry = {"step": st.step, "state1": torch.from_numpy(st.momentum.copy())}
+        new_state[key] = entry
+    optimizer.load_state_dict({"state": new_state, "param_groups": sd["param_groups"]})
+
+
+# --------------------------------------------------------------------------- JAX
+def from_jax(opt_state: Any) -> list[MomentumState]:
+    """States held by the (single) ``lionkit.jax.scale_by_lion`` state inside ``opt_state``
+    (the state of ``lionkit.jax.lion(...)`` or of any chain containing ``scale_by_lion``),
+    in ``jax.tree.leaves`` order of the parameters."""
+    from .jax import transform
+
+    st = transform.find_lion_state(opt_state)
+    step = int(st.count)
+    out = []
+    if isinstance(st, transform.ScaleByLionState):
+        for mu in transform.leaves(st.mu):
+            out.append(MomentumState(step, mu.shape, momentum=np.asarray(mu, dtype=np.float32)))
+        return out
+    bs = transform.block_size_of(st)
+    for mu, codes, absmax in zip(transform.leaves(st.mu), transform.leaves(st.codes), transform.leaves(st.absmax)):
+        if absmax.size == 0:  # kept unquantized (smaller than min_8bit_size)
+            out.append(MomentumState(step, mu.shape, momentum=np.asarray(mu, dtype=np.float32)))
+        else:
+            out.append(
+                MomentumState(step, codes.shape, codes=np.asarray(codes), absmax=np.asarray(absmax), block_size=bs)
+            )
+    return out
+
+
+def to_jax(states: Sequence[MomentumState], opt_state: Any) -> Any:
+    """A copy of ``opt_state`` (e.g. ``tx.init(params)`` of a ``lionkit.jax`` transform) with
+    its Lion momentum replaced by ``states`` (matched in ``jax.tree.leaves`` order, shapes and
+    8-bit layout checked) and its step counters set to the states' step, so schedules go on
+    where the saved run stopped."""
+    _check_standard_map(states, "JAX")
+    from .jax import transform
+
+    return transform.replace_lion_state(opt_state, states, _global_step(states))
+
+
+# --------------------------------------------------------------------------- MLX
+def from_mlx(optimizer: Any, parameters: Any) -> list[MomentumState]:
+    """States of a ``lionkit.mlx`` Lion/Lion8bit (or ``mlx.optimizers.Lion``) optimizer for
+    ``parameters`` (e.g. ``model.trainable_parameters()``), in ``tree_flatten`` order."""
+    from .mlx import optimizers
+
+    return optimizers.export_states(optimizer, parameters)
+
+
+def to_mlx(states: Sequence[MomentumState], optimizer: Any, parameters: Any) -> None:
+    """Load ``states`` into a ``lionkit.mlx`` optimizer for ``parameters`` (e.g.
+    ``model.trainable_parameters()``; matched in ``tree_flatten`` order, shapes checked).
+    Sets the optimizer's step, so schedules go on where the saved run stopped."""
+    _check_standard_map(states, "MLX")
+    from .mlx import optimizers
+
+    optimizers.import_states(optimizer, parameters, states, _global_step(states))

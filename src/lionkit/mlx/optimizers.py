@@ -1,0 +1,230 @@
+"""``Lion`` and ``Lion8bit`` for MLX, as ``mlx.optimizers.Optimizer`` subclasses, and the state
+export/import ``lionkit.interop`` uses."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from .. import interop
+from . import quant
+
+LearningRate = Union[float, Callable[[mx.array], mx.array]]
+_LOW_PRECISION = (mx.float16, mx.bfloat16)
+
+
+def _math_dtype(dtype: Any) -> Any:
+    # fp32 math for half-precision parameters; fp32 (and CPU float64) stay as they are
+    return mx.float32 if dtype in _LOW_PRECISION else dtype
+
+
+class Lion(optim.Optimizer):
+    r"""Lion (Chen et al. 2023) for MLX: a drop-in ``mlx.optimizers.Lion`` that computes in fp32
+    for every parameter dtype.
+
+    For each parameter :math:`w` with gradient :math:`g` and momentum :math:`m` (zeros at
+    start), update :math:`k = 1, 2, \dots` uses learning rate :math:`\eta = ` ``schedule(k-1)``::
+
+        c = b1 * m + (1 - b1) * g          # interpolation, used only for its sign
+        m = b2 * m + (1 - b2) * g          # decay the momentum
+        w = (1 - eta * wd) * w             # decoupled weight decay (only when wd > 0)
+        w = w - eta * sign(c)              # sign(0) = 0
+
+    With fp32 parameters this is ``mlx.optimizers.Lion`` bit for bit. bf16/fp16 parameters
+    keep fp32 momentum and are written back once in their dtype (MLX's own Lion computes, and
+    rounds, in bf16). Use a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x
+    larger, so that ``lr * wd`` stays similar.
+
+    Args:
+      learning_rate: a float >= 0 or a schedule ``step -> lr`` (e.g. ``optim.cosine_decay``).
+      betas: ``(b1, b2)``, each in [0, 1) (default ``(0.9, 0.99)``).
+      weight_decay: decoupled weight decay >= 0 (default 0).
+
+    The state (``opt.state``: ``step``, ``learning_rate`` and per parameter ``{"m": ...}``)
+    saves with ``mx.save_safetensors(path, dict(tree_flatten(opt.state)))``.
+
+    Example::
+
+        import mlx.core as mx, mlx.nn as nn
+        from lionkit.mlx import Lion
+
+        model = nn.Linear(8, 1)
+        opt = Lion(learning_rate=1e-4, weight_decay=0.1)
+        loss_and_grad = nn.value_and_grad(model, lambda m, x, y: ((m(x) - y) ** 2).mean())
+        loss, grads = loss_and_grad(model, mx.ones((4, 8)), mx.zeros((4, 1)))
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    """
+
+    def __init__(
+        self,
+        learning_rate: LearningRate,
+        betas: Sequence[float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not callable(learning_rate):
+            if not isinstance(learning_rate, (int, float)) or isinstance(learning_rate, bool) or not learning_rate >= 0:
+                raise ValueError(f"Invalid learning_rate: {learning_rate!r} (must be a float >= 0 or a schedule)")
+        betas = list(betas)
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (must be two values)")
+        for i, b in enumerate(betas):
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta at index {i}: {b!r} (must be in [0, 1))")
+        if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) or not weight_decay >= 0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+        self._maybe_schedule("learning_rate", learning_rate)
+        self.betas = betas
+        self.weight_decay = weight_decay
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        """fp32 momentum (the parameter's dtype when that is fp32 or wider)."""
+        state["m"] = mx.zeros(parameter.shape, dtype=_math_dtype(parameter.dtype))
+
+    def _step(self, g: mx.array, w: mx.array, m: mx.array) -> tuple[mx.array, mx.array]:
+        """(new parameter, new momentum) in the math dtype; the arithmetic of MLX's Lion."""
+        dt = m.dtype
+        g = g.astype(dt)
+        w = w.astype(dt)
+        lr = self.learning_rate.astype(dt)
+        b1, b2 = self.betas
+        # interpolation, used only for its sign
+        c = b1 * m + (1 - b1) * g
+        # decay the momentum
+        m_new = b2 * m + (1 - b2) * g
+        # stepweight decay
+        if self.weight_decay > 0:
+            w = (1 - lr * self.weight_decay) * w
+        # weight update
+        return w - lr * mx.sign(c), m_new
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        """One Lion update of ``parameter``; stores the new momentum in ``state``."""
+        m = state["m"]
+        w, m_new = self._step(gradient, parameter, m.astype(_math_dtype(m.dtype)))
+        state["m"] = m_new.astype(m.dtype)
+        return w.astype(parameter.dtype)
+
+
+class Lion8bit(Lion):
+    """``Lion`` with 8-bit momentum: uint8 codes into bitsandbytes' signed dynamic map times one
+    fp32 scale (max |m|) per block of ``block_size`` elements, 1.016 bytes per element instead
+    of 4. Parameters with fewer than ``min_8bit_size`` elements keep fp32 momentum.
+
+    Math is that of ``Lion`` in fp32: dequantize, step, requantize with the new per-block
+    maximum (nearest code, ties to the larger one, a nonzero momentum never becomes zero or
+    changes sign). The codes equal those of lionkit's PyTorch ``Lion8bit`` and of
+    ``lionkit.jax.scale_by_lion(state_bits=8)`` for the same momentum, so states convert
+    losslessly (``lionkit.interop``).
+
+    Args:
+      learning_rate, betas, weight_decay: as for ``Lion``.
+      block_size: elements per scale (256; the only block size PyTorch reads), None for one
+        scale per tensor.
+      min_8bit_size: smaller parameters keep fp32 momentum (4096, as in bitsandbytes).
+
+    State per parameter: ``{"codes": uint8, "absmax": fp32}`` (or ``{"m": fp32}``); it saves
+    with ``mx.save_safetensors`` like any MLX optimizer state.
+
+    Example::
+
+        opt = Lion8bit(learning_rate=optim.cosine_decay(3e-4, 1000), weight_decay=0.1)
+    """
+
+    def __init__(
+        self,
+        learning_rate: LearningRate,
+        betas: Sequence[float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        block_size: Optional[int] = interop.BLOCK_SIZE,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        super().__init__(learning_rate, betas, weight_decay)
+        if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
+            raise ValueError(f"Invalid block_size: {block_size!r} (must be a positive int, or None for one scale per tensor)")
+        if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (must be an int >= 0)")
+        self.block_size = block_size
+        self.min_8bit_size = min_8bit_size
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        """Zero codes and scales, or fp32 momentum for small parameters."""
+        if parameter.size >= self.min_8bit_size:
+            state["codes"], state["absmax"] = quant.zeros(tuple(parameter.shape), self.block_size)
+        else:
+            super().init_single(parameter, state)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        """One Lion update with the momentum dequantized, updated and requantized."""
+        if "codes" not in state:
+            return super().apply_single(gradient, parameter, state)
+        codes, absmax = state["codes"], state["absmax"]
+        want = quant._layout(codes.size, self.block_size)[0]
+        if absmax.size != want:
+            raise ValueError(
+                f"8-bit state has {absmax.size} scales for {codes.size} elements, but block_size={self.block_size} "
+                f"needs {want}: was it saved with another block_size?"
+            )
+        m = quant.dequantize(codes, absmax, self.block_size)
+        w, m_new = self._step(gradient, parameter, m)
+        # absmax comes from the *updated* momentum, so every value fits its block's scale
+        state["codes"], state["absmax"] = quant.quantize(m_new, self.block_size)
+        return w.astype(parameter.dtype)
+
+
+# --------------------------------------------------------------------------- interop
+def _param_states(optimizer: optim.Optimizer, parameters: Any) -> list[tuple[mx.array, dict]]:
+    """(parameter, its state dict) pairs in ``tree_flatten(parameters)`` order."""
+    pairs: list[tuple[mx.array, dict]] = []
+    tree_map(lambda p, s: pairs.append((p, s)), parameters, optimizer.state)
+    return pairs
+
+
+def export_states(optimizer: optim.Optimizer, parameters: Any) -> list[interop.MomentumState]:
+    """The momentum of every parameter as ``interop.MomentumState`` (numpy)."""
+    step = int(np.array(optimizer.state["step"]))
+    bs = getattr(optimizer, "block_size", interop.BLOCK_SIZE)
+    out = []
+    for i, (p, st) in enumerate(_param_states(optimizer, parameters)):
+        if not isinstance(st, dict) or not st:
+            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) has no optimizer state: call optimizer.init(params)")
+        if "codes" in st:
+            codes, absmax = np.array(st["codes"]), np.array(st["absmax"])
+            out.append(interop.MomentumState(step, codes.shape, codes=codes, absmax=absmax, block_size=bs))
+        elif "m" in st:
+            m = np.array(st["m"].astype(mx.float32))
+            out.append(interop.MomentumState(step, m.shape, momentum=m))
+        else:
+            raise ValueError(f"parameter {i}: state has neither 'm' nor 'codes' (keys: {sorted(st)})")
+    return out
+
+
+def import_states(
+    optimizer: optim.Optimizer, parameters: Any, states: Sequence[interop.MomentumState], step: int
+) -> None:
+    """Put ``states`` into ``optimizer`` (initialised for ``parameters`` if needed), converting
+    the layout where it differs (8-bit <-> fp32, another block size), and set its step."""
+    optimizer.init(parameters)  # adds state only where missing: existing state is kept
+    pairs = _param_states(optimizer, parameters)
+    if len(pairs) != len(states):
+        raise ValueError(f"got {len(states)} momentum states, but the MLX parameters hold {len(pairs)} arrays")
+    bs = getattr(optimizer, "block_size", interop.BLOCK_SIZE)
+    for i, ((p, st), ms) in enumerate(zip(pairs, states)):
+        if tuple(p.shape) != ms.shape:
+            raise ValueError(f"parameter {i}: saved momentum has shape {ms.shape}, the MLX parameter has {tuple(p.shape)}")
+        if "codes" in st:
+            if ms.is_8bit and ms.block_size == bs:
+                codes, absmax = ms.codes, ms.absmax
+            else:  # another layout: quantize what it stands for, as PyTorch does
+                codes, absmax = interop.quantize(ms.dequantize(), bs)
+            st["codes"], st["absmax"] = mx.array(codes), mx.array(absmax)
+        else:
+            old = st.get("m")
+            dtype = old.dtype if old is not None else mx.float32
+            st["m"] = mx.array(ms.dequantize()).astype(dtype)
+    optimizer.state["step"] = mx.array(step, dtype=mx.uint64)

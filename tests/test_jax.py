@@ -1,0 +1,326 @@
+"""lionkit.jax: bit-exact against optax.lion / braintools' optax chain, 8-bit state, mixed
+dtypes, schedules, masks, jit without recompiling, validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="jax not installed (pip install 'lionkit[jax]')")
+optax = pytest.importorskip("optax", reason="optax not installed (pip install 'lionkit[jax]')")
+import jax.numpy as jnp  # noqa: E402
+
+from lionkit import interop  # noqa: E402
+from lionkit.jax import ScaleByLion8bitState, ScaleByLionState, lion, scale_by_lion  # noqa: E402
+from lionkit.jax import quant as jquant  # noqa: E402
+
+STEPS = 25
+
+
+def _problem(seed: int = 0, dtype=jnp.float32):
+    """A small tanh regression whose gradients depend on the current weights."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    params = {
+        "w1": jax.random.normal(k[0], (24, 48)).astype(dtype) * 0.3,
+        "b1": jnp.zeros(48, dtype),
+        "w2": jax.random.normal(k[1], (48, 5)).astype(dtype) * 0.3,
+    }
+    x = jax.random.normal(k[2], (64, 24))
+    y = jnp.sin(jax.random.normal(k[3], (64, 5)))
+
+    def loss(p):
+        p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jnp.mean((h @ p["w2"] - y) ** 2)
+
+    return params, loss
+
+
+_GRADS: dict = {}
+
+
+def _grad(loss):
+    """jax.grad(loss), jitted once per loss: the optimizer under test still runs eagerly."""
+    if loss not in _GRADS:
+        _GRADS[loss] = jax.jit(jax.grad(loss))
+    return _GRADS[loss]
+
+
+def _run(tx, params, loss, steps=STEPS, jit=False):
+    state = tx.init(params)
+    grad = _grad(loss)
+
+    def step(p, s):
+        u, s = tx.update(grad(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    if jit:
+        step = jax.jit(step)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+def _same(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        x.dtype == y.dtype and x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+    )
+
+
+def _mu(state):
+    """The momentum tree of the one Lion state (lionkit's or optax's) inside a chain state."""
+    kinds = (ScaleByLionState, ScaleByLion8bitState, optax.ScaleByLionState)
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(s, kinds)]
+    assert len(found) == 1
+    return found[0].mu
+
+
+SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 5, STEPS)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("lr", [1e-2, SCHEDULE], ids=["const", "schedule"])
+@pytest.mark.parametrize("betas", [(0.9, 0.99), (0.95, 0.98)])
+def test_matches_optax_lion_bitwise(weight_decay, lr, betas):
+    params, loss = _problem()
+    ref = optax.lion(lr, b1=betas[0], b2=betas[1], weight_decay=weight_decay)
+    ours = lion(lr, b1=betas[0], b2=betas[1], weight_decay=weight_decay)
+    p_ref, s_ref = _run(ref, params, loss)
+    p_ours, s_ours = _run(ours, params, loss)
+    assert _same(p_ref, p_ours)
+    assert _same(_mu(s_ref), _mu(s_ours))
+    assert not _same(params, p_ours)  # it moved
+
+
+def test_matches_optax_lion_bitwise_under_jit():
+    # under jit XLA may fuse multiply-adds, so jit and eager differ in the last bit, but the
+    # same graph compiles the same way: lionkit and optax stay identical
+    params, loss = _problem(1)
+    p_ref, _ = _run(optax.lion(1e-2, weight_decay=0.1), params, loss, jit=True)
+    p_ours, _ = _run(lion(1e-2, weight_decay=0.1), params, loss, jit=True)
+    assert _same(p_ref, p_ours)
+
+
+def test_weight_decay_schedule_and_mask_match_optax():
+    params, loss = _problem(2)
+    wd = optax.linear_schedule(0.0, 0.5, STEPS)
+    mask = {"w1": True, "b1": False, "w2": True}
+    p_ref, _ = _run(optax.lion(SCHEDULE, weight_decay=wd, mask=mask), params, loss)
+    p_ours, _ = _run(lion(SCHEDULE, weight_decay=wd, mask=mask), params, loss)
+    assert _same(p_ref, p_ours)
+    # the mask matters: without it the bias decays too
+    p_nomask, _ = _run(lion(SCHEDULE, weight_decay=wd), params, loss)
+    assert not np.array_equal(np.asarray(p_nomask["b1"]), np.asarray(p_ours["b1"]))
+
+
+@pytest.mark.parametrize("clip", [dict(grad_clip_norm=0.05), dict(grad_clip_value=1e-3), dict(grad_clip_norm=0.05, grad_clip_value=1e-3)])
+def test_clipping_matches_braintools_chain(clip):
+    # braintools.optim.Lion is this optax chain (SPEC section 4); built here from optax parts
+    params, loss = _problem(3)
+    parts = []
+    if "grad_clip_norm" in clip:
+        parts.append(optax.clip_by_global_norm(clip["grad_clip_norm"]))
+    if "grad_clip_value" in clip:
+        parts.append(optax.clip(clip["grad_clip_value"]))
+    parts += [optax.scale_by_lion(0.9, 0.99), optax.add_decayed_weights(0.1), optax.scale_by_schedule(lambda c: -SCHEDULE(c))]
+    p_ref, _ = _run(optax.chain(*parts), params, loss)
+    p_ours, _ = _run(lion(SCHEDULE, weight_decay=0.1, **clip), params, loss)
+    assert _same(p_ref, p_ours)
+    p_unclipped, _ = _run(lion(SCHEDULE, weight_decay=0.1), params, loss)
+    assert not _same(p_unclipped, p_ours)  # the clipping was active
+
+
+def _reference_f64(params, loss, lr_fn, wd, steps, b1=0.9, b2=0.99):
+    """Lion in float64 numpy on the same problem (gradients in fp32 from fp64 weights)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    for t in range(steps):
+        g = _grad(loss)({k: jnp.asarray(v, jnp.float32) for k, v in p.items()})
+        lr = float(lr_fn(t))
+        for k in p:
+            gk = np.asarray(g[k], np.float64)
+            c = b1 * m[k] + (1 - b1) * gk
+            p[k] = p[k] * (1 - lr * wd) - lr * np.sign(c)
+            m[k] = b2 * m[k] + (1 - b2) * gk
+    return p
+
+
+def test_fp32_trajectory_close_to_float64_reference():
+    params, loss = _problem(4)
+    p_ours, _ = _run(lion(SCHEDULE, weight_decay=0.1), params, loss)
+    ref = _reference_f64(params, loss, SCHEDULE, 0.1, STEPS)
+    for k in ref:
+        # sign flips of near-zero interpolations can differ between fp32 and fp64; allow a
+        # handful of elements to disagree by 2*lr, the rest to rounding
+        diff = np.abs(np.asarray(p_ours[k], np.float64) - ref[k])
+        assert np.mean(diff > 1e-5) < 0.01, k
+
+
+def test_bf16_params_fp32_math():
+    # bf16 leaves: gradients, momentum and the update are fp32; the parameter is rounded to
+    # bf16 once per step. Check each step against optax.lion run in fp32 on the upcast values.
+    params, loss = _problem(5, dtype=jnp.bfloat16)
+    params["b1"] = params["b1"].astype(jnp.float32)  # mixed pytree
+    ours = lion(1e-2, weight_decay=0.1)
+    ref = optax.lion(1e-2, weight_decay=0.1)
+    s = ours.init(params)
+    s_ref = ref.init(jax.tree.map(lambda a: a.astype(jnp.float32), params))
+    assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(_mu(s)))
+    for _ in range(10):
+        g = jax.grad(loss)(params)
+        assert g["w1"].dtype == jnp.bfloat16
+        up32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+        u, s = ours.update(g, s, params)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(u))
+        new = optax.apply_updates(params, u)
+        u_ref, s_ref = ref.update(jax.tree.map(lambda a: a.astype(jnp.float32), g), s_ref, up32)
+        expect = jax.tree.map(lambda a, p: a.astype(p.dtype), optax.apply_updates(up32, u_ref), params)
+        assert _same(new, expect)
+        assert _same(_mu(s), _mu(s_ref))
+        params = new
+    assert params["w1"].dtype == jnp.bfloat16 and params["b1"].dtype == jnp.float32
+
+
+def test_mu_dtype_bfloat16():
+    params, loss = _problem(6)
+    tx = lion(1e-2, mu_dtype=jnp.bfloat16)
+    p, s = _run(tx, params, loss, steps=5)
+    assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(_mu(s)))
+    assert np.isfinite(float(loss(p)))
+
+
+# --------------------------------------------------------------------------- 8-bit
+def test_8bit_state_layout():
+    params = {"big": jnp.zeros((64, 100)), "small": jnp.zeros(10), "tail": jnp.zeros(4096 + 7)}
+    s = scale_by_lion(state_bits=8).init(params)
+    assert isinstance(s, ScaleByLion8bitState)
+    assert s.codes["big"].dtype == jnp.uint8 and s.codes["big"].shape == (64, 100)
+    assert s.absmax["big"].shape == (interop.num_blocks(6400, 256),)
+    assert s.absmax["tail"].shape == (17,)
+    assert np.all(np.asarray(s.codes["big"]) == jquant.ZERO_CODE)
+    assert s.mu["small"].shape == (10,) and s.codes["small"].size == 0 and s.absmax["small"].size == 0
+    assert s.mu["big"].size == 0
+    assert int(s.block_size) == 256
+    s2 = scale_by_lion(state_bits=8, block_size=None, min_8bit_size=0).init(params)
+    assert s2.absmax["big"].shape == (1,) and s2.codes["small"].shape == (10,) and int(s2.block_size) == -1
+
+
+@pytest.mark.parametrize("block_size", [256, None, 64])
+def test_8bit_step_is_dequantize_step_requantize(block_size):
+    # each 8-bit step equals: dequantize, the fp32 step, quantize with the numpy reference
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((50, 90)), jnp.float32)}
+    tx = scale_by_lion(0.9, 0.99, state_bits=8, block_size=block_size, min_8bit_size=0)
+    s = tx.init(params)
+    for t in range(6):
+        g = {"w": jnp.asarray(rng.standard_normal((50, 90)) * 10.0 ** rng.integers(-6, 2), jnp.float32)}
+        m = interop.dequantize(np.asarray(s.codes["w"]), np.asarray(s.absmax["w"]), block_size)
+        u, s = tx.update(g, s, params)
+        gn = np.asarray(g["w"])
+        c = np.float32(0.9) * m + np.float32(1 - 0.9) * gn
+        m_new = np.float32(0.99) * m + np.float32(1 - 0.99) * gn
+        codes, absmax = interop.quantize(m_new, block_size)
+        assert np.array_equal(np.asarray(u["w"]), np.sign(c))
+        assert np.array_equal(np.asarray(s.codes["w"]), codes)
+        assert np.array_equal(np.asarray(s.absmax["w"]), absmax)
+    assert int(s.count) == 6
+
+
+def test_8bit_close_to_32bit():
+    params, loss = _problem(7)
+    p32, s32 = _run(lion(1e-2, weight_decay=0.1), params, loss, steps=40, jit=True)
+    p8, s8 = _run(lion(1e-2, weight_decay=0.1, state_bits=8, min_8bit_size=0), params, loss, steps=40, jit=True)
+    l0, l32, l8 = float(loss(params)), float(loss(p32)), float(loss(p8))
+    assert l8 < 0.5 * l0 and abs(l8 - l32) < 0.05 * l0
+
+
+def test_8bit_quantizer_matches_numpy_reference_on_thresholds():
+    t, zero = interop.code_thresholds()
+    x = np.concatenate(
+        [t, np.nextafter(t, np.float32(-2)), np.nextafter(t, np.float32(2)), interop.dynamic_map(), [1e-30, -1e-30, 0.0]]
+    ).astype(np.float32)
+    rng = np.random.default_rng(1)
+    x = np.concatenate([x, rng.uniform(-1, 1, 5000).astype(np.float32)])
+    want = interop.quantize(x.reshape(1, -1), None)[0].reshape(-1)
+    # normalised by absmax 1 -> codes of x itself
+    assert np.array_equal(np.asarray(jquant.nearest_code(jnp.asarray(x))), want)
+
+
+# --------------------------------------------------------------------------- jit
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_jit_compiles_once(state_bits):
+    params, loss = _problem(8)
+    params["emb"] = jnp.ones((80, 64)) * 0.01  # quantized at 8 bits (5120 elements)
+    tx = lion(SCHEDULE, weight_decay=optax.linear_schedule(0.1, 0.0, STEPS), state_bits=state_bits, grad_clip_norm=1.0)
+    traces = []
+
+    def loss2(p):
+        return loss(p) + jnp.sum(p["emb"] ** 2)
+
+    @jax.jit
+    def step(p, s):
+        traces.append(1)  # runs only while tracing
+        u, s = tx.update(jax.grad(loss2)(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    for _ in range(30):
+        p, s = step(p, s)
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+    # and the jitted run agrees with the eager one up to fused multiply-adds (last-bit
+    # differences, now and then a flipped sign of a near-zero interpolation)
+    q, _ = _run(tx, params, loss2, steps=30)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+        assert np.mean(np.abs(np.asarray(a) - np.asarray(b)) > 1e-5) < 0.02
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(learning_rate="x"), "learning_rate"),
+        (dict(learning_rate=1e-3, b1=1.0), "b1"),
+        (dict(learning_rate=1e-3, b2=-0.1), "b2"),
+        (dict(learning_rate=1e-3, weight_decay=-1.0), "weight_decay"),
+        (dict(learning_rate=1e-3, state_bits=16), "state_bits"),
+        (dict(learning_rate=1e-3, grad_clip_norm=0.0), "grad_clip_norm"),
+        (dict(learning_rate=1e-3, grad_clip_value=-2.0), "grad_clip_value"),
+        (dict(learning_rate=1e-3, block_size=0), "block_size"),
+        (dict(learning_rate=1e-3, min_8bit_size=-1), "min_8bit_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        lion(**kwargs)
+
+
+def test_missing_optax_names_the_install():
+    code = "import sys; sys.modules['optax'] = None\ntry:\n import lionkit.jax\nexcept ImportError as e: print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'lionkit[jax]'" in out.stdout, out.stdout + out.stderr
+
+
+def run_doc_examples(doc: str, namespace: dict | None = None) -> dict:
+    """Execute the ```python blocks of a docs page in order, in one namespace."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / doc).read_text()
+    ns: dict = {} if namespace is None else namespace
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"no python examples in docs/{doc}"
+    for block in blocks:
+        exec(compile(block, f"docs/{doc}", "exec"), ns)
+    return ns
+
+
+def test_docs_examples_run(capsys):
+    run_doc_examples("jax.md")  # the first example asserts that the loss went down
+    out = capsys.readouterr().out
+    assert "uint8 (1000, 64)" in out and "MomentumState(step=0" in out

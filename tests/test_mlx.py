@@ -1,0 +1,210 @@
+"""lionkit.mlx: bit-exact against mlx.optimizers.Lion, schedule indexing, bf16 in fp32,
+8-bit state, safetensors round trip, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core", reason="MLX not installed (pip install 'lionkit[mlx]', i.e. mlx[cpu] on Linux)")
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from lionkit import interop  # noqa: E402
+from lionkit.mlx import Lion, Lion8bit  # noqa: E402
+from lionkit.mlx import quant as mquant  # noqa: E402
+
+STEPS = 25
+
+
+def _model(seed: int = 0, dtype=mx.float32):
+    mx.random.seed(seed)
+    model = nn.Sequential(nn.Linear(16, 80), nn.Tanh(), nn.Linear(80, 4))
+    model.set_dtype(dtype)
+    return model
+
+
+def _data(seed: int = 100):
+    mx.random.seed(seed)
+    return mx.random.normal((64, 16)), mx.sin(mx.random.normal((64, 4)))
+
+
+def _loss(model, x, y):
+    return ((model(x).astype(mx.float32) - y) ** 2).mean()
+
+
+def _train(model, opt, steps=STEPS, clip=None):
+    x, y = _data()
+    loss_and_grad = nn.value_and_grad(model, _loss)
+    for _ in range(steps):
+        _, grads = loss_and_grad(model, x, y)
+        if clip is not None:
+            grads, _ = optim.clip_grad_norm(grads, clip)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    return model
+
+
+def _params(model):
+    return [np.array(v.astype(mx.float32)) for _, v in tree_flatten(model.parameters())]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+SCHEDULE = optim.join_schedules([optim.linear_schedule(0.0, 3e-2, 5), optim.cosine_decay(3e-2, STEPS)], [5])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("lr", [1e-2, SCHEDULE], ids=["const", "schedule"])
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["noclip", "clip"])
+def test_matches_mlx_lion_bitwise(weight_decay, lr, clip):
+    ref = _train(_model(), optim.Lion(lr, betas=[0.9, 0.99], weight_decay=weight_decay), clip=clip)
+    opt = Lion(lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    ours = _train(_model(), opt, clip=clip)
+    assert _same(_params(ref), _params(ours))
+    assert not _same(_params(_model()), _params(ours))  # it moved
+    assert int(opt.state["step"]) == STEPS
+
+
+def test_schedule_update_k_uses_schedule_k_minus_1():
+    seen = []
+
+    def schedule(step):
+        seen.append(int(step))
+        return mx.array(1e-3) * (step + 1)
+
+    opt = Lion(schedule)
+    model = _train(_model(), opt, steps=4)
+    # the constructor evaluates schedule(0); update k evaluates schedule(k - 1)
+    assert seen == [0, 0, 1, 2, 3]
+    assert np.isclose(float(opt.learning_rate), 4e-3)
+    assert model is not None
+
+
+def test_bf16_params_fp32_math():
+    # each step equals MLX's Lion run in fp32 on the upcast values, rounded once to bf16
+    model = _model(1, mx.bfloat16)
+    ref_model = _model(1, mx.float32)
+    opt, ref = Lion(1e-2, weight_decay=0.1), optim.Lion(1e-2, weight_decay=0.1)
+    x, y = _data()
+    loss_and_grad = nn.value_and_grad(model, _loss)
+    for _ in range(8):
+        ref_model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())]))
+        _, grads = loss_and_grad(model, x, y)
+        opt.update(model, grads)
+        ref.update(ref_model, tree_unflatten([(k, g.astype(mx.float32)) for k, g in tree_flatten(grads)]))
+        mx.eval(model.parameters(), ref_model.parameters(), opt.state, ref.state)
+        for (_, p), (_, q) in zip(tree_flatten(model.parameters()), tree_flatten(ref_model.parameters())):
+            assert p.dtype == mx.bfloat16
+            assert np.array_equal(np.array(p.astype(mx.float32)), np.array(q.astype(mx.bfloat16).astype(mx.float32)))
+        for (_, m), (_, n) in zip(tree_flatten(opt.state), tree_flatten(ref.state)):
+            assert np.array_equal(np.array(m), np.array(n))
+
+
+# --------------------------------------------------------------------------- 8-bit
+def test_8bit_state_layout():
+    opt = Lion8bit(1e-3)
+    model = _model()
+    opt.init(model.trainable_parameters())
+    st = opt.state["layers"][0]
+    assert set(st["weight"]) == {"m"}  # 1280 elements < min_8bit_size: fp32
+    opt = Lion8bit(1e-3, min_8bit_size=1000)
+    opt.init(model.trainable_parameters())
+    w = opt.state["layers"][0]["weight"]
+    assert w["codes"].dtype == mx.uint8 and tuple(w["codes"].shape) == (80, 16)
+    assert tuple(w["absmax"].shape) == (5,)
+    assert np.all(np.array(w["codes"]) == mquant.ZERO_CODE)
+
+
+@pytest.mark.parametrize("block_size", [256, None, 100])
+def test_8bit_step_is_dequantize_step_requantize(block_size):
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.standard_normal((30, 70)).astype(np.float32))
+    opt = Lion8bit(1e-2, weight_decay=0.1, block_size=block_size, min_8bit_size=0)
+    state = {}
+    opt.init_single(w, state)
+    opt.learning_rate = 1e-2
+    for _ in range(5):
+        g = mx.array((rng.standard_normal((30, 70)) * 10.0 ** rng.integers(-6, 2)).astype(np.float32))
+        m = interop.dequantize(np.array(state["codes"]), np.array(state["absmax"]), block_size)
+        new_w = opt.apply_single(g, w, state)
+        gn, wn = np.array(g), np.array(w)
+        c = np.float32(0.9) * m + np.float32(1 - 0.9) * gn
+        m_new = np.float32(0.99) * m + np.float32(1 - 0.99) * gn
+        lr = np.float32(1e-2)
+        expect_w = (np.float32(1) - lr * np.float32(0.1)) * wn - lr * np.sign(c)
+        codes, absmax = interop.quantize(m_new, block_size)
+        assert np.array_equal(np.array(new_w), expect_w)
+        assert np.array_equal(np.array(state["codes"]), codes)
+        assert np.array_equal(np.array(state["absmax"]), absmax)
+        w = new_w
+
+
+def test_8bit_close_to_32bit():
+    x, y = _data()
+    m0 = _model(2)
+    l0 = _loss(m0, x, y).item()
+    l32 = _loss(_train(_model(2), Lion(1e-2, weight_decay=0.1), steps=40), x, y).item()
+    l8 = _loss(_train(_model(2), Lion8bit(1e-2, weight_decay=0.1, min_8bit_size=0), steps=40), x, y).item()
+    assert l8 < 0.5 * l0 and abs(l8 - l32) < 0.05 * l0
+
+
+@pytest.mark.parametrize("cls", [Lion, Lion8bit])
+def test_safetensors_round_trip_resumes_exactly(tmp_path, cls):
+    kwargs = dict(min_8bit_size=0) if cls is Lion8bit else {}
+    straight = _train(_model(3), cls(SCHEDULE, weight_decay=0.1, **kwargs), steps=20)
+
+    model = _model(3)
+    opt = cls(SCHEDULE, weight_decay=0.1, **kwargs)
+    _train(model, opt, steps=10)
+    path = str(tmp_path / "opt.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(opt.state)))
+    weights = dict(tree_flatten(model.parameters()))
+
+    model2 = _model(99)
+    model2.update(tree_unflatten(list(weights.items())))
+    opt2 = cls(SCHEDULE, weight_decay=0.1, **kwargs)
+    opt2.state = tree_unflatten(list(mx.load(path).items()))
+    _train(model2, opt2, steps=10)
+    assert _same(_params(straight), _params(model2))
+
+
+def test_8bit_state_with_wrong_block_size_is_refused():
+    model = _model()
+    opt = Lion8bit(1e-3, min_8bit_size=0, block_size=256)
+    _train(model, opt, steps=1)
+    other = Lion8bit(1e-3, min_8bit_size=0, block_size=64)
+    other.state = opt.state
+    with pytest.raises(ValueError, match="block_size"):
+        _train(model, other, steps=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(learning_rate=1e-3, betas=(1.0, 0.99)), "beta at index 0"),
+        (dict(learning_rate=1e-3, betas=(0.9,)), "betas"),
+        (dict(learning_rate=1e-3, weight_decay=-0.5), "weight_decay"),
+        (dict(learning_rate=1e-3, block_size=0), "block_size"),
+        (dict(learning_rate=1e-3, min_8bit_size=-3), "min_8bit_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Lion8bit(**kwargs)
+
+
+def test_docs_examples_run(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "mlx.md").read_text()
+    ns: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        exec(compile(block, "docs/mlx.md", "exec"), ns)
+    assert ns["loss"].item() < ns["first"]
+    assert "uint8" in capsys.readouterr().out

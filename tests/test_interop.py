@@ -384,3 +384,35 @@ def test_8bit_error_statistics_match_torch(framework):
     # 8-bit training lands where fp32 training does, with mostly the same update directions
     assert got["loss8"] < 0.05 * got["loss0"] and got["loss_gap_rel"] < 0.25
     assert got["direction_agreement"] > 0.8
+
+
+def test_from_torch_reads_bitsandbytes_nested_layout():
+    _torch()
+    prob = Problem(5)
+    _, opt, _ = run_torch(prob, 3, 8)
+    plain = interop.from_torch(opt)
+    # bitsandbytes >= 0.49.2 moves every tensor but `step` under this key
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"] = {
+        k: {"step": v["step"], "__bnb_optimizer_quant_state__": {n: t for n, t in v.items() if n != "step"}}
+        for k, v in sd["state"].items()
+    }
+    nested = interop.from_torch(sd)
+    assert _same_states(plain, nested) and plain[0].is_8bit and plain[0].step == 3
+
+
+def test_to_jax_sets_schedule_counts():
+    jax, jnp, optax, ljax = _jax()
+    params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
+    schedule = optax.linear_schedule(1.0, 0.0, 100)
+    tx = ljax.lion(schedule, weight_decay=optax.linear_schedule(0.1, 0.0, 100), state_bits=8)
+    states = [interop.MomentumState(42, s, momentum=np.zeros(s, np.float32)) for s in SHAPES.values()]
+    st = interop.to_jax(states, tx.init(params))
+    from lionkit.jax.alias import WeightDecayScheduleState
+
+    kinds = (ljax.ScaleByLion8bitState, WeightDecayScheduleState, optax.ScaleByScheduleState)
+    counts = [int(x.count) for x in jax.tree.leaves(st, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(x, kinds)]
+    assert counts == [42, 42, 42]  # Lion state, weight-decay schedule, learning-rate schedule
+    # the fp32 momentum went into the 8-bit leaf quantized, into the small leaf as is
+    back = interop.from_jax(st)
+    assert back[0].is_8bit and not back[1].is_8bit

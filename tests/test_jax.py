@@ -117,7 +117,9 @@ def test_weight_decay_schedule_and_mask_match_optax():
     assert not np.array_equal(np.asarray(p_nomask["b1"]), np.asarray(p_ours["b1"]))
 
 
-@pytest.mark.parametrize("clip", [dict(grad_clip_norm=0.05), dict(grad_clip_value=1e-3), dict(grad_clip_norm=0.05, grad_clip_value=1e-3)])
+@pytest.mark.parametrize(
+    "clip", [dict(grad_clip_norm=0.05), dict(grad_clip_value=1e-3), dict(grad_clip_norm=0.05, grad_clip_value=1e-3)]
+)
 def test_clipping_matches_braintools_chain(clip):
     # braintools.optim.Lion is this optax chain (SPEC section 4); built here from optax parts
     params, loss = _problem(3)
@@ -216,7 +218,7 @@ def test_8bit_step_is_dequantize_step_requantize(block_size):
     params = {"w": jnp.asarray(rng.standard_normal((50, 90)), jnp.float32)}
     tx = scale_by_lion(0.9, 0.99, state_bits=8, block_size=block_size, min_8bit_size=0)
     s = tx.init(params)
-    for t in range(6):
+    for _ in range(6):
         g = {"w": jnp.asarray(rng.standard_normal((50, 90)) * 10.0 ** rng.integers(-6, 2), jnp.float32)}
         m = interop.dequantize(np.asarray(s.codes["w"]), np.asarray(s.absmax["w"]), block_size)
         u, s = tx.update(g, s, params)

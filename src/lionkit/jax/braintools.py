@@ -61,8 +61,6 @@ class Lion(OptaxOptimizer):
         # per batch: opt.step(grads); per epoch: sched.step()
     """
 
-    __module__ = "lionkit.jax.braintools"
-
     def __init__(
         self,
         lr: Any = 1e-4,
@@ -108,8 +106,6 @@ class Lion(OptaxOptimizer):
 
 class Lion8bit(Lion):
     """``Lion`` with ``state_bits=8`` (see ``Lion``)."""
-
-    __module__ = "lionkit.jax.braintools"
 
     def __init__(
         self,

@@ -1,0 +1,288 @@
+"""The fused CPU backend: ``lion_cpu.cpp`` compiled on first use, every tensor of a step in one
+multithreaded, vectorised call.
+
+What it does per element: read p, g and the momentum once, write p and the momentum once
+(8-bit: dequantize, update, new block absmax, requantize, block by block in a 1 KiB buffer).
+A step allocates a few KiB of bookkeeping whatever the model size. Results are bit-identical
+to ``TorchBackend`` (same fp32 operations in the same order, no FMA contraction).
+
+Why a small C++ file and not ``torch.compile``: it builds in a few seconds without torch
+headers (one build for every shape, dtype and hyperparameter, so nothing ever recompiles),
+batches all tensors of a step into one OpenMP loop, and controls the 8-bit block loop and the
+quantizer exactly. It needs a C++ compiler at run time, as inductor does; without one (or on a
+platform where the build fails) ``resolve("auto", cpu)`` falls back to ``TorchBackend``.
+
+Build cache: ``$LIONKIT_CACHE_DIR`` or ``~/.cache/lionkit``, one shared library per (source,
+compiler, flags, CPU) key; ``$CXX`` picks the compiler. ``LIONKIT_CPU_ISA=scalar`` builds the
+portable (non-AVX-512) code path, which the tests use to cover machines without AVX-512.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+import weakref
+
+from .. import quant, quant_fast
+from ..qstate import QuantizedState
+from .base import Momentum, StepHyper
+from .torch_eager import TorchBackend
+
+SOURCE = Path(__file__).with_name("lion_cpu.cpp")
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_MODE_32, _MODE_8_BLOCK, _MODE_8_TENSOR = 0, 1, 2
+
+
+class BuildError(RuntimeError):
+    """The CPU kernel could not be compiled or loaded (the message carries the compiler output)."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$LIONKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lionkit``."""
+    env = os.environ.get("LIONKIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lionkit"
+
+
+def _compiler() -> str:
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)  # type: ignore[return-value]
+    raise BuildError("no C++ compiler found (set $CXX, or install g++/clang++)")
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on."""
+    text = platform.processor() + platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    text += line
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        pass
+    return text
+
+
+def _flags(scalar: bool) -> list[str]:
+    arch = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64", "i686") else ["-mcpu=native"]
+    # -ffp-contract=off: no FMA contraction, so results equal the eager reference bit for bit.
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", *arch]
+    if scalar:
+        flags.append("-DLK_FORCE_SCALAR")
+    return flags
+
+
+_lock = threading.Lock()
+_libs: dict[bool, object] = {}  # scalar? -> CDLL or the BuildError it raised
+
+
+def _build(scalar: bool) -> Path:
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"cannot run the C++ compiler {cxx}: {e}") from None
+    flags = _flags(scalar)
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), _cpu_id()]).encode()
+    ).hexdigest()[:20]
+    out = cache_dir() / f"lion_cpu_{'scalar_' if scalar else ''}{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    # OpenMP if the compiler has it; libgomp's soname matches the copy torch loads, so both
+    # share one runtime and one thread pool.
+    for extra in (["-fopenmp"], []):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cxx, *flags, *extra, str(SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, out)  # atomic: concurrent builders write identical files
+            return out
+        os.unlink(tmp)
+        errors.append(f"$ {' '.join(cmd)}\n{proc.stderr.strip()}")
+    raise BuildError("building the CPU Lion kernel failed:\n" + "\n".join(errors))
+
+
+def load(scalar: Optional[bool] = None):
+    """The loaded kernel library (building it if needed); raises BuildError if impossible."""
+    if scalar is None:
+        scalar = os.environ.get("LIONKIT_CPU_ISA", "").lower() == "scalar"
+    with _lock:
+        lib = _libs.get(scalar)
+        if lib is None:
+            try:
+                lib = ctypes.CDLL(str(_build(scalar)))
+            except (OSError, BuildError) as e:
+                lib = e if isinstance(e, BuildError) else BuildError(f"loading the CPU Lion kernel failed: {e}")
+            else:
+                p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+                lib.lk_step.argtypes = [i32, p, p, p, p, p, p, p, p, i32]
+                lib.lk_step.restype = i32
+                lib.lk_quantize.argtypes = [p, p, i64, p, i32]
+                lib.lk_quantize.restype = None
+                lib.lk_isa.restype = i32
+            _libs[scalar] = lib
+    if isinstance(lib, BuildError):
+        raise lib
+    return lib
+
+
+def available() -> bool:
+    """True if the kernel builds and loads on this machine."""
+    try:
+        load()
+        return True
+    except BuildError:
+        return False
+
+
+def isa_name(scalar: Optional[bool] = None) -> str:
+    """The instruction set the loaded kernel vectorises with ("avx512" or "scalar")."""
+    return "avx512" if load(scalar).lk_isa() == 512 else "scalar"
+
+
+def quantize(x: torch.Tensor, qmap: torch.Tensor, scalar: Optional[bool] = None) -> torch.Tensor:
+    """The kernel's own nearest-code quantizer on fp32 values in [-1, 1] (for verification)."""
+    qc = quant_fast.kernel_constants(qmap)
+    if qc is None:
+        raise ValueError("qmap has no bucket table (see quant_fast.bucket_table)")
+    x = x.detach().to(torch.float32).contiguous()
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    load(scalar).lk_quantize(x.data_ptr(), out.data_ptr(), x.numel(), qc.ctypes.data, torch.get_num_threads())
+    return out
+
+
+_qc_cache: dict[int, tuple] = {}
+
+
+def _constants(qmap: torch.Tensor) -> Optional[np.ndarray]:
+    """``quant_fast.kernel_constants`` cached per map tensor (checked once, not every step)."""
+    hit = _qc_cache.get(id(qmap))
+    if hit is not None and hit[0]() is qmap and hit[1] == qmap._version:
+        return hit[2]
+    qc = quant_fast.kernel_constants(qmap)
+    if len(_qc_cache) > 1024:
+        _qc_cache.clear()
+    _qc_cache[id(qmap)] = (weakref.ref(qmap), qmap._version, qc)
+    return qc
+
+
+def _hyper_row(hp: StepHyper) -> tuple[float, ...]:
+    # The scalars as the reference rounds them: Python (double) arithmetic, then fp32.
+    decay = 1.0 - hp.lr * hp.weight_decay if hp.weight_decay != 0 else 1.0
+    clip = float("inf") if hp.clip_value is None else hp.clip_value
+    return (hp.lr, hp.beta1, 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, decay, hp.grad_scale, clip)
+
+
+class CompiledBackend:
+    """Fused, multithreaded, vectorised CPU kernel (C++ built on first use)."""
+
+    name = "compiled"
+    stochastic_rounding = False  # tensors that need it go to TorchBackend
+
+    def __init__(self, scalar: Optional[bool] = None) -> None:
+        self._lib = load(scalar)
+        self._scalar = scalar
+        self._fallback = TorchBackend()
+
+    def supports(self, p: torch.Tensor, m: Momentum) -> bool:
+        if p.device.type != "cpu" or p.dtype not in _DTYPE_CODE or not p.is_contiguous():
+            return False
+        if isinstance(m, QuantizedState):
+            return (
+                m.block_size in (None, quant.BLOCK_SIZE)
+                and m.codes.dtype == torch.uint8
+                and m.codes.is_contiguous()
+                and m.codes.numel() == p.numel()
+                and m.absmax.dtype == torch.float32
+                and m.absmax.is_contiguous()
+                and m.absmax.device.type == "cpu"
+                and _constants(m.qmap) is not None
+            )
+        return m.dtype == torch.float32 and m.is_contiguous() and m.numel() == p.numel() and m.device.type == "cpu"
+
+    def step_many(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        moms: Sequence[Momentum],
+        hypers: Sequence[StepHyper],
+    ) -> None:
+        fast, slow = [], []
+        qc = None
+        for item in zip(params, grads, moms, hypers):
+            p, g, m, hp = item
+            ok = (
+                not (getattr(hp, "stochastic_rounding", False) and p.dtype != torch.float32)
+                and g.dtype in _DTYPE_CODE
+                and g.device.type == "cpu"
+                and g.is_contiguous()
+                and g.numel() == p.numel()
+                and self.supports(p, m)
+            )
+            if ok and isinstance(m, QuantizedState):
+                qc_m = _constants(m.qmap)
+                ok = qc is None or qc_m is qc  # one map per call (there is only one dynamic map)
+                qc = qc_m if ok else qc
+            (fast if ok else slow).append(item)
+        if slow:
+            self._fallback.step_many(*zip(*slow))
+        fast = [it for it in fast if it[0].numel() > 0]
+        if not fast:
+            return
+        if qc is None:
+            qc = quant_fast.kernel_constants(quant._dynamic_map_cpu())
+        n = len(fast)
+        ptr = np.empty((5, n), dtype=np.int64)
+        info = np.empty((n, 4), dtype=np.int32)
+        rows: dict[StepHyper, tuple[float, ...]] = {}
+        hyper = np.empty((n, 8), dtype=np.float32)
+        for i, (p, g, m, hp) in enumerate(fast):
+            if isinstance(m, QuantizedState):
+                mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
+                ptr[2, i], ptr[3, i] = m.codes.data_ptr(), m.absmax.data_ptr()
+            else:
+                mode = _MODE_32
+                ptr[2, i], ptr[3, i] = m.data_ptr(), 0
+            ptr[0, i], ptr[1, i], ptr[4, i] = p.data_ptr(), g.data_ptr(), p.numel()
+            gsc = hp.grad_scale != 1.0 or hp.clip_value is not None
+            info[i] = (mode, _DTYPE_CODE[p.dtype], _DTYPE_CODE[g.dtype], int(hp.skip_zeros) | 2 * int(gsc))
+            row = rows.get(hp)
+            if row is None:
+                row = rows[hp] = _hyper_row(hp)
+            hyper[i] = row  # numpy rounds each double to fp32 (nearest even), as torch does
+        rc = self._lib.lk_step(
+            n,
+            ptr[0].ctypes.data,
+            ptr[1].ctypes.data,
+            ptr[2].ctypes.data,
+            ptr[3].ctypes.data,
+            ptr[4].ctypes.data,
+            info.ctypes.data,
+            hyper.ctypes.data,
+            qc.ctypes.data,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"CPU Lion kernel failed (code {rc})")

@@ -1,0 +1,667 @@
+// The fused CPU Lion step: one pass over p, g and the momentum (fp32, or 8-bit codes with a
+// scale per block of 256 or per tensor), for fp32/fp16/bf16 parameters and gradients.
+//
+// Built on first use by kernels/compiled.py (system C++ compiler, -O3 -march=native -fopenmp
+// -ffp-contract=off) and loaded with ctypes; no torch headers, so it builds in seconds. The
+// arithmetic is the reference's (kernels/torch_eager.py), operation for operation, in fp32 and
+// in the same order, with no FMA contraction: results are bit-identical to it.
+//
+// Work layout: every tensor is cut into chunks of LK_CHUNK elements (a multiple of the block
+// size) and the chunks of all tensors of a step form one OpenMP loop, so hundreds of small
+// tensors cost one parallel region. The 8-bit path dequantizes, updates, takes the new absmax
+// and requantizes one block at a time through a 1 KiB stack buffer: nothing is allocated in
+// proportion to a tensor.
+//
+// Quantization uses quant_fast's bucket table: the top 15 bits of |x| index a table whose
+// entry holds the number of thresholds below the bucket and the low 16 bits of the (at most
+// one) threshold inside it; one integer comparison finishes the job. Exact for every float32
+// in [-1, 1] (checked exhaustively by quant_fast.check_exhaustive through lk_quantize).
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if !defined(LK_FORCE_SCALAR) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define LK_AVX512 1
+#include <immintrin.h>
+#else
+#define LK_AVX512 0
+#endif
+
+namespace {
+
+constexpr int64_t LK_BLOCK = 256;
+constexpr int64_t LK_CHUNK = 1 << 15;
+enum DType { F32 = 0, F16 = 1, BF16 = 2 };
+enum Mode { MOM32 = 0, MOM8_BLOCK = 1, MOM8_TENSOR = 2 };
+
+// Layout of the constants (uint32 words; quant_fast.kernel_constants builds them).
+constexpr uint32_t QC_MAGIC = 0x4C4B5131;
+constexpr int QC_KEY0 = 1, QC_NB = 2, QC_ZERO = 3, QC_QMAP = 16, QC_LUT = 16 + 256;
+
+// Per-tensor scalars, already rounded to fp32 the way the reference rounds them.
+struct Hyper {
+  float lr, b1, omb1, b2, omb2, decay, gscale, clip;
+};
+
+struct Quant {  // the bucket table and the map
+  const float* qmap;
+  const uint32_t* lut;
+  uint32_t key0, nb, zero;
+  explicit Quant(const uint32_t* qc)
+      : qmap((const float*)(qc + QC_QMAP)), lut(qc + QC_LUT), key0(qc[QC_KEY0]), nb(qc[QC_NB]), zero(qc[QC_ZERO]) {}
+};
+
+inline float bits_f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t f_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// ---------------------------------------------------------------- scalar conversions
+inline float bf16_to_f(uint16_t h) { return bits_f((uint32_t)h << 16); }
+inline uint16_t f_to_bf16(float f) {
+  if (f != f) return 0x7FC0;
+  uint32_t u = f_bits(f);
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  return (uint16_t)(u >> 16);
+}
+inline float f16_to_f(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, mant = h & 0x3FF;
+  if (e == 0) return bits_f(f_bits((float)mant * 5.9604644775390625e-08f) | sign);  // mant * 2^-24, exact
+  if (e == 31) return bits_f(sign | 0x7F800000u | (mant << 13));
+  return bits_f(sign | ((e + 112) << 23) | (mant << 13));
+}
+inline uint16_t f_to_f16(float f) {
+  uint32_t u = f_bits(f);
+  uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+  u &= 0x7FFFFFFFu;
+  if (u >= 0x7F800000u) return sign | (u > 0x7F800000u ? 0x7E00 : 0x7C00);
+  if (u >= 0x477FF000u) return sign | 0x7C00;  // >= 65520 rounds to inf
+  if (u < 0x38800000u)                         // below 2^-14: half subnormal or zero
+    return sign | (uint16_t)std::nearbyint(bits_f(u) * 16777216.0f);  // exact scaling, round to even
+  u += 0xFFFu + ((u >> 13) & 1u);  // round to nearest even at bit 13
+  u -= 112u << 23;
+  return sign | (uint16_t)(u >> 13);
+}
+
+template <int DT> struct IO;
+template <> struct IO<F32> {
+  typedef float T;
+  static float ld(const T* p, int64_t i) { return p[i]; }
+  static void st(T* p, int64_t i, float v) { p[i] = v; }
+};
+template <> struct IO<BF16> {
+  typedef uint16_t T;
+  static float ld(const T* p, int64_t i) { return bf16_to_f(p[i]); }
+  static void st(T* p, int64_t i, float v) { p[i] = f_to_bf16(v); }
+};
+template <> struct IO<F16> {
+  typedef uint16_t T;
+  static float ld(const T* p, int64_t i) { return f16_to_f(p[i]); }
+  static void st(T* p, int64_t i, float v) { p[i] = f_to_f16(v); }
+};
+
+// ---------------------------------------------------------------- scalar step and quantizer
+// The reference's operations in its order (torch_eager._update_chunk). Without a grad scale
+// or clip the multiply by 1 and the clamp to +-inf are skipped (they would be exact anyway).
+template <bool GSC>
+inline float grad_in(float g, const Hyper& h) {
+  if (!GSC) return g;
+  g = g * h.gscale;
+  g = g < -h.clip ? -h.clip : g;  // clamp; NaN passes through
+  return g > h.clip ? h.clip : g;
+}
+template <bool SKIP>
+inline void lion1(float p, float g, float m, const Hyper& h, float* pn, float* mn) {
+  // interpolation, used only for its sign
+  float c = h.b1 * m + h.omb1 * g;
+  float s = (float)((c > 0.0f) - (c < 0.0f));
+  // stepweight decay (decay = 1 without weight decay: exact), weight update
+  *pn = p * h.decay - h.lr * s;
+  // decay the momentum
+  *mn = h.b2 * m + h.omb2 * g;
+  if (SKIP && g == 0.0f) {
+    *pn = p;
+    *mn = m;
+  }
+}
+
+inline int quant1(float x, const Quant& q) {
+  if (x != x) return 255;  // torch.bucketize orders NaN last
+  uint32_t b = f_bits(x) & 0x7FFFFFFFu;
+  if (b == 0) return (int)q.zero;
+  bool neg = x < 0.0f;
+  uint32_t key = (b >> 16) > q.key0 ? (b >> 16) - q.key0 : 0;
+  key = key < q.nb ? key : q.nb - 1;
+  uint32_t e = q.lut[key + (neg ? q.nb : 0)];
+  int j = (int)(e >> 17) + ((b & 0xFFFFu) >= (e & 0x1FFFFu));
+  return neg ? (int)q.zero - 1 - j : (int)q.zero + 1 + j;
+}
+
+// max |v| over a buffer with the reference's NaN rule (amax propagates NaN)
+inline float absmax_exact(const float* v, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float a = std::fabs(v[i]);
+    if (a != a) return NAN;
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+// codes of buf[i] / scale, or the zero code for the whole block when !(scale > 0)
+inline void quant_block_scalar(const float* buf, int64_t n, float scale, uint8_t* codes, const Quant& q) {
+  if (!(scale > 0.0f)) {
+    std::memset(codes, (int)q.zero, (size_t)n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) codes[i] = (uint8_t)quant1(buf[i] / scale, q);
+}
+
+template <int PT, int GT, bool GSC, bool SKIP>
+void run32_scalar(void* pv, const void* gv, float* m, int64_t n0, int64_t n1, const Hyper& h) {
+  auto* p = (typename IO<PT>::T*)pv;
+  auto* g = (const typename IO<GT>::T*)gv;
+  for (int64_t i = n0; i < n1; ++i) {
+    float pn, mn;
+    lion1<SKIP>(IO<PT>::ld(p, i), grad_in<GSC>(IO<GT>::ld(g, i), h), m[i], h, &pn, &mn);
+    IO<PT>::st(p, i, pn);
+    m[i] = mn;
+  }
+}
+
+// 8-bit: new momentum of [n0, n1) into buf (from index 0), p updated if write_p; returns
+// max |m_new| (NaN if any m_new is NaN).
+template <int PT, int GT, bool GSC, bool SKIP>
+float run8_scalar(void* pv, const void* gv, const uint8_t* codes, float sold, int64_t n0, int64_t n1,
+                  const Hyper& h, const Quant& q, float* buf, bool write_p) {
+  auto* p = (typename IO<PT>::T*)pv;
+  auto* g = (const typename IO<GT>::T*)gv;
+  for (int64_t i = n0; i < n1; ++i) {
+    float pn, mn;
+    lion1<SKIP>(write_p ? IO<PT>::ld(p, i) : 0.0f, grad_in<GSC>(IO<GT>::ld(g, i), h), q.qmap[codes[i]] * sold, h,
+                &pn, &mn);
+    if (write_p) IO<PT>::st(p, i, pn);
+    buf[i - n0] = mn;
+  }
+  return absmax_exact(buf, n1 - n0);
+}
+
+#if LK_AVX512
+// ---------------------------------------------------------------- AVX-512
+typedef __m512 V;
+template <int DT> struct VIO;
+template <> struct VIO<F32> {
+  static V ld(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+  static void st(float* p, V v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+};
+template <> struct VIO<BF16> {
+  static V ld(const uint16_t* p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+  }
+  static void st(uint16_t* p, V v, __mmask16 k) {
+#ifdef __AVX512BF16__
+    _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
+#else
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+#endif
+  }
+};
+template <> struct VIO<F16> {
+  static V ld(const uint16_t* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+  static void st(uint16_t* p, V v, __mmask16 k) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
+struct VHyper {
+  V lr, b1, omb1, b2, omb2, decay, gscale, lo, hi;
+  explicit VHyper(const Hyper& h)
+      : lr(_mm512_set1_ps(h.lr)), b1(_mm512_set1_ps(h.b1)), omb1(_mm512_set1_ps(h.omb1)),
+        b2(_mm512_set1_ps(h.b2)), omb2(_mm512_set1_ps(h.omb2)), decay(_mm512_set1_ps(h.decay)),
+        gscale(_mm512_set1_ps(h.gscale)), lo(_mm512_set1_ps(-h.clip)), hi(_mm512_set1_ps(h.clip)) {}
+};
+
+template <bool GSC>
+inline V vgrad_in(V g, const VHyper& h) {
+  if (!GSC) return g;
+  g = _mm512_mul_ps(g, h.gscale);
+  // max/min return their second operand when either is NaN, so NaN passes as in clamp
+  return _mm512_min_ps(h.hi, _mm512_max_ps(h.lo, g));
+}
+template <bool SKIP>
+inline void vlion(V p, V g, V m, const VHyper& h, V* pn, V* mn) {
+  const V zero = _mm512_setzero_ps();
+  // interpolation, used only for its sign
+  V c = _mm512_add_ps(_mm512_mul_ps(h.b1, m), _mm512_mul_ps(h.omb1, g));
+  // lr * sign(c): lr with c's sign bit where c != 0 (NaN compares unequal: 0, as sign(NaN))
+  __mmask16 nz = _mm512_cmp_ps_mask(c, zero, _CMP_NEQ_OQ);
+  V step = _mm512_castsi512_ps(_mm512_maskz_ternarylogic_epi32(
+      nz, _mm512_castps_si512(c), _mm512_set1_epi32(INT32_MIN), _mm512_castps_si512(h.lr), 0xEA /* (a & b) | c */));
+  // stepweight decay, weight update
+  V pp = _mm512_sub_ps(_mm512_mul_ps(p, h.decay), step);
+  // decay the momentum
+  V mm = _mm512_add_ps(_mm512_mul_ps(h.b2, m), _mm512_mul_ps(h.omb2, g));
+  if (SKIP) {
+    __mmask16 z = _mm512_cmp_ps_mask(g, zero, _CMP_EQ_OQ);
+    pp = _mm512_mask_mov_ps(pp, z, p);
+    mm = _mm512_mask_mov_ps(mm, z, m);
+  }
+  *pn = pp;
+  *mn = mm;
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+
+template <int PT, int GT, bool GSC, bool SKIP>
+inline void step32_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, float* m, const VHyper& h, __mmask16 k) {
+  V pn, mn;
+  vlion<SKIP>(VIO<PT>::ld(p, k), vgrad_in<GSC>(VIO<GT>::ld(g, k), h), _mm512_maskz_loadu_ps(k, m), h, &pn, &mn);
+  VIO<PT>::st(p, pn, k);
+  _mm512_mask_storeu_ps(m, k, mn);
+}
+
+template <int PT, int GT, bool GSC, bool SKIP>
+void run32_vec(void* pv, const void* gv, float* m, int64_t n0, int64_t n1, const Hyper& hs) {
+  auto* p = (typename IO<PT>::T*)pv;
+  auto* g = (const typename IO<GT>::T*)gv;
+  VHyper h(hs);
+  int64_t i = n0;
+  for (; i + 16 <= n1; i += 16) step32_16<PT, GT, GSC, SKIP>(p + i, g + i, m + i, h, (__mmask16)0xFFFF);
+  if (i < n1) step32_16<PT, GT, GSC, SKIP>(p + i, g + i, m + i, h, tail_mask(n1 - i));
+}
+
+// 16 lanes of the 8-bit update from the map values mq of their codes: dequantize (times the
+// old scale), update, p written back if WRITE_P; returns the new momentum (0 outside k).
+template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
+inline V step8_16m(typename IO<PT>::T* p, const typename IO<GT>::T* g, V mq, V sold, const VHyper& h, __mmask16 k) {
+  V m = _mm512_mul_ps(mq, sold);
+  V pn, mn;
+  vlion<SKIP>(WRITE_P ? VIO<PT>::ld(p, k) : _mm512_setzero_ps(), vgrad_in<GSC>(VIO<GT>::ld(g, k), h), m, h, &pn, &mn);
+  if (WRITE_P) VIO<PT>::st(p, pn, k);
+  return k == 0xFFFF ? mn : _mm512_maskz_mov_ps(k, mn);
+}
+
+// the same, looking the 16 codes up in the map with a gather
+template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
+inline V step8_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, const uint8_t* codes, V sold, const VHyper& h,
+                  const float* qmap, __mmask16 k) {
+  __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes));
+  return step8_16m<PT, GT, GSC, SKIP, WRITE_P>(p, g, _mm512_i32gather_ps(idx, qmap, 4), sold, h, k);
+}
+
+#ifdef __AVX512VBMI__
+// Map lookup of 64 codes without a gather: each byte of the fp32 map values is a 256-entry
+// byte table (4 registers), looked up for 64 codes at once with two vpermi2b and a blend on
+// the code's top bit; four such byte planes are interleaved back into 64 floats. The codes
+// are pre-permuted so that the interleave (which works within 128-bit lanes) yields elements
+// in order. ~22 instructions per 64 codes instead of 4 gathers, which stall the core while
+// the stream of p and g is in flight.
+struct VDeq {
+  __m512i t[4][4];  // [byte plane][64-entry quarter]
+  __m512i perm;
+  explicit VDeq(const Quant& q) {
+    alignas(64) uint8_t planes[4][256];
+    for (int c = 0; c < 256; ++c) {
+      uint32_t u = f_bits(q.qmap[c]);
+      for (int b = 0; b < 4; ++b) planes[b][c] = (uint8_t)(u >> (8 * b));
+    }
+    for (int b = 0; b < 4; ++b)
+      for (int k = 0; k < 4; ++k) t[b][k] = _mm512_load_si512(planes[b] + 64 * k);
+    alignas(64) uint8_t pm[64];
+    for (int r = 0; r < 4; ++r)
+      for (int lane = 0; lane < 4; ++lane)
+        for (int u = 0; u < 4; ++u) pm[16 * lane + 8 * (r >> 1) + 4 * (r & 1) + u] = (uint8_t)(16 * r + 4 * lane + u);
+    perm = _mm512_load_si512(pm);
+  }
+  // map values of codes[0..63] into out[0..3] (elements 0-15, 16-31, 32-47, 48-63)
+  inline void lookup(const uint8_t* codes, V out[4]) const {
+    __m512i idx = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(codes));
+    __mmask64 upper = _mm512_movepi8_mask(idx);  // code >= 128
+    __m512i pl[4];
+    for (int b = 0; b < 4; ++b)
+      pl[b] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t[b][0], idx, t[b][1]),
+                                     _mm512_permutex2var_epi8(t[b][2], idx, t[b][3]));
+    __m512i w01l = _mm512_unpacklo_epi8(pl[0], pl[1]), w01h = _mm512_unpackhi_epi8(pl[0], pl[1]);
+    __m512i w23l = _mm512_unpacklo_epi8(pl[2], pl[3]), w23h = _mm512_unpackhi_epi8(pl[2], pl[3]);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h));
+  }
+};
+#endif
+
+template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
+float run8_vec_t(void* pv, const void* gv, const uint8_t* codes, float sold, int64_t n0, int64_t n1, const Hyper& hs,
+                 const Quant& q, float* buf) {
+  auto* p = (typename IO<PT>::T*)pv + n0;
+  auto* g = (const typename IO<GT>::T*)gv + n0;
+  codes += n0;
+  const int64_t n = n1 - n0;
+  VHyper h(hs);
+  const V vs = _mm512_set1_ps(sold);
+  V amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n || i < n; i += 16) {
+    __mmask16 k = i + 16 <= n ? (__mmask16)0xFFFF : tail_mask(n - i);
+    V mn = k == 0xFFFF ? step8_16<PT, GT, GSC, SKIP, WRITE_P>(p + i, g + i, codes + i, vs, h, q.qmap, 0xFFFF)
+                       : step8_16<PT, GT, GSC, SKIP, WRITE_P>(p + i, g + i, codes + i, vs, h, q.qmap, k);
+    _mm512_store_ps(buf + i, mn);  // buf holds whole vectors
+    amax = _mm512_max_ps(_mm512_abs_ps(mn), amax);
+    sum = _mm512_add_ps(sum, mn);  // NaN (or inf) anywhere makes the sum non-finite
+  }
+  float s = _mm512_reduce_max_ps(amax);
+  if (!std::isfinite(_mm512_reduce_add_ps(sum))) s = absmax_exact(buf, n);  // the NaN rule, rarely needed
+  return s;
+}
+
+// 8-bit: new momentum of [n0, n1) into buf (from index 0), p updated if write_p; returns
+// max |m_new| (NaN if any m_new is NaN).
+template <int PT, int GT, bool GSC, bool SKIP>
+float run8_vec(void* pv, const void* gv, const uint8_t* codes, float sold, int64_t n0, int64_t n1, const Hyper& hs,
+               const Quant& q, float* buf, bool write_p) {
+  return write_p ? run8_vec_t<PT, GT, GSC, SKIP, true>(pv, gv, codes, sold, n0, n1, hs, q, buf)
+                 : run8_vec_t<PT, GT, GSC, SKIP, false>(pv, gv, codes, sold, n0, n1, hs, q, buf);
+}
+
+struct VQuant {
+  __m512i key0, top, nb, z, zp, zm, one, low16, low17, absm;
+  const int* lut;
+  explicit VQuant(const Quant& q)
+      : key0(_mm512_set1_epi32((int)q.key0)), top(_mm512_set1_epi32((int)q.nb - 1)), nb(_mm512_set1_epi32((int)q.nb)),
+        z(_mm512_set1_epi32((int)q.zero)), zp(_mm512_set1_epi32((int)q.zero + 1)),
+        zm(_mm512_set1_epi32((int)q.zero - 1)), one(_mm512_set1_epi32(1)), low16(_mm512_set1_epi32(0xFFFF)),
+        low17(_mm512_set1_epi32(0x1FFFF)), absm(_mm512_set1_epi32(0x7FFFFFFF)), lut((const int*)q.lut) {}
+  // codes (int32 lanes) of 16 finite values in [-1, 1]
+  __m512i codes(V x) const {
+    const V zero = _mm512_setzero_ps();
+    __m512i b = _mm512_and_si512(_mm512_castps_si512(x), absm);
+    __mmask16 neg = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), pos = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ);
+    // bucket of the top 15 bits (saturating: small values share bucket 0), per sign
+    __m512i key = _mm512_min_epu32(_mm512_subs_epu16(_mm512_srli_epi32(b, 16), key0), top);
+    key = _mm512_mask_add_epi32(key, neg, key, nb);
+    __m512i e = _mm512_i32gather_epi32(key, lut, 4);
+    // thresholds below the bucket, plus one if |x| is at or past the one inside it
+    __m512i j = _mm512_srli_epi32(e, 17);
+    __mmask16 ge = _mm512_cmp_epu32_mask(_mm512_and_si512(b, low16), _mm512_and_si512(e, low17), _MM_CMPINT_NLT);
+    j = _mm512_mask_add_epi32(j, ge, j, one);
+    __m512i code = _mm512_mask_add_epi32(z, pos, zp, j);
+    return _mm512_mask_sub_epi32(code, neg, zm, j);
+  }
+};
+
+// codes of buf[i] / scale for one block
+inline void quant_block_vec(const float* buf, int64_t n, float scale, uint8_t* codes, const Quant& q) {
+  if (!(scale > 0.0f) || scale == INFINITY) {  // all-zero block, NaN or inf: the exact scalar path
+    quant_block_scalar(buf, n, scale, codes, q);
+    return;
+  }
+  const VQuant vq(q);
+  const V vs = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    V x = _mm512_div_ps(_mm512_loadu_ps(buf + i), vs);  // IEEE division, as the reference
+    _mm_storeu_si128((__m128i*)(codes + i), _mm512_cvtepi32_epi8(vq.codes(x)));
+  }
+  if (i < n) {
+    __mmask16 k = tail_mask(n - i);
+    V x = _mm512_div_ps(_mm512_maskz_loadu_ps(k, buf + i), vs);
+    _mm_mask_storeu_epi8(codes + i, k, _mm512_cvtepi32_epi8(vq.codes(x)));
+  }
+}
+// Block-wise 8-bit over [n0, n1) (n0 a multiple of the block size), software-pipelined: the
+// update of block b (memory-bound: p, g, codes come from DRAM) runs interleaved with the
+// requantization of block b-1 (compute: division, bucket lookup), whose absmax is known by
+// then, so the core has independent work while loads are in flight. Same results as running
+// the two phases one block after the other.
+template <int PT, int GT, bool GSC, bool SKIP>
+void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, int64_t n0, int64_t n1,
+                     const Hyper& hs, const Quant& q) {
+  auto* p = (typename IO<PT>::T*)pv;
+  auto* g = (const typename IO<GT>::T*)gv;
+  alignas(64) float bufs[2][LK_BLOCK];
+  const VHyper h(hs);
+  const VQuant vq(q);
+#ifdef __AVX512VBMI__
+  const VDeq deq(q);
+#endif
+  int cur = 0;
+  int64_t prev0 = -1, prev_len = 0;
+  float s_prev = 0.0f;
+  for (int64_t b0 = n0;; b0 += LK_BLOCK) {
+    const int64_t len = b0 < n1 ? (n1 - b0 < LK_BLOCK ? n1 - b0 : LK_BLOCK) : 0;
+    float* bn = bufs[cur];
+    const float* bp = bufs[cur ^ 1];
+    // the previous block's scale: a normal positive number, or the exact scalar path
+    int64_t qlen = prev0 >= 0 ? prev_len : 0;
+    if (qlen && (!(s_prev > 0.0f) || s_prev == INFINITY)) {
+      quant_block_scalar(bp, qlen, s_prev, codes + prev0, q);
+      qlen = 0;
+    }
+    const V sold = _mm512_set1_ps(len ? absmax[b0 / LK_BLOCK] : 0.0f);
+    const V sq = _mm512_set1_ps(s_prev);
+    V amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+    if (len == LK_BLOCK && (qlen == 0 || qlen == LK_BLOCK)) {  // the common case: whole blocks
+      for (int64_t i = 0; i < LK_BLOCK; i += 64) {
+        V mq[4];
+#ifdef __AVX512VBMI__
+        deq.lookup(codes + b0 + i, mq);
+#else
+        for (int r = 0; r < 4; ++r)
+          mq[r] = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b0 + i + 16 * r))),
+                                      q.qmap, 4);
+#endif
+        for (int r = 0; r < 4; ++r) {
+          const int64_t o = i + 16 * r;
+          V mn = step8_16m<PT, GT, GSC, SKIP, true>(p + b0 + o, g + b0 + o, mq[r], sold, h, 0xFFFF);
+          _mm512_store_ps(bn + o, mn);
+          amax = _mm512_max_ps(_mm512_abs_ps(mn), amax);
+          sum = _mm512_add_ps(sum, mn);
+          if (qlen) {
+            V x = _mm512_div_ps(_mm512_load_ps(bp + o), sq);  // IEEE division, as the reference
+            _mm_storeu_si128((__m128i*)(codes + prev0 + o), _mm512_cvtepi32_epi8(vq.codes(x)));
+          }
+        }
+      }
+    } else {  // a partial block on either side
+      for (int64_t i = 0; i < (len > qlen ? len : qlen); i += 16) {
+        if (i < len) {
+          __mmask16 k = tail_mask(len - i);
+          V mn = step8_16<PT, GT, GSC, SKIP, true>(p + b0 + i, g + b0 + i, codes + b0 + i, sold, h, q.qmap, k);
+          _mm512_store_ps(bn + i, mn);
+          amax = _mm512_max_ps(_mm512_abs_ps(mn), amax);
+          sum = _mm512_add_ps(sum, mn);
+        }
+        if (i < qlen) {
+          __mmask16 k = tail_mask(qlen - i);
+          V x = _mm512_div_ps(_mm512_maskz_loadu_ps(k, bp + i), sq);
+          _mm_mask_storeu_epi8(codes + prev0 + i, k, _mm512_cvtepi32_epi8(vq.codes(x)));
+        }
+      }
+    }
+    if (prev0 >= 0) absmax[prev0 / LK_BLOCK] = s_prev;
+    if (!len) break;
+    float s = _mm512_reduce_max_ps(amax);
+    if (!std::isfinite(_mm512_reduce_add_ps(sum))) s = absmax_exact(bn, len);  // the NaN rule, rarely
+    if (std::isinf(s)) s = NAN;  // as quant.block_absmax: 8 bits cannot hold inf, the block decodes to NaN
+    prev0 = b0;
+    prev_len = len;
+    s_prev = s;
+    cur ^= 1;
+  }
+}
+#define LK_RUN32 run32_vec
+#define LK_RUN8 run8_vec
+#define LK_QUANT quant_block_vec
+#define LK_PIPE 1
+#else
+#define LK_RUN32 run32_scalar
+#define LK_RUN8 run8_scalar
+#define LK_QUANT quant_block_scalar
+#define LK_PIPE 0
+#endif  // LK_AVX512
+
+// ---------------------------------------------------------------- one chunk of one tensor
+struct Tensor {
+  void* p;
+  const void* g;
+  void* m;        // fp32 momentum or uint8 codes
+  float* absmax;  // 8-bit only
+  int64_t n;
+  int mode, pdt, gdt;
+  bool skip, gsc;
+  Hyper h;
+};
+
+// pass 0: the update (8-bit per-tensor: returns the chunk's max |m_new|, codes untouched);
+// pass 1 (8-bit per-tensor only): recompute m_new from the old codes, quantize with `scale`.
+template <int PT, int GT, bool GSC, bool SKIP>
+float chunk_impl(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
+  alignas(64) float buf[LK_BLOCK];
+  if (t.mode == MOM32) {
+    LK_RUN32<PT, GT, GSC, SKIP>(t.p, t.g, (float*)t.m, n0, n1, t.h);
+    return 0.0f;
+  }
+  auto* codes = (uint8_t*)t.m;
+#if LK_PIPE
+  if (t.mode == MOM8_BLOCK) {
+    run8_block_pipe<PT, GT, GSC, SKIP>(t.p, t.g, codes, t.absmax, n0, n1, t.h, q);
+    return 0.0f;
+  }
+#endif
+  float amax = 0.0f;
+  for (int64_t b0 = n0; b0 < n1; b0 += LK_BLOCK) {
+    int64_t b1 = b0 + LK_BLOCK < n1 ? b0 + LK_BLOCK : n1;
+    if (t.mode == MOM8_BLOCK) {
+      float* am = t.absmax + b0 / LK_BLOCK;
+      float s = LK_RUN8<PT, GT, GSC, SKIP>(t.p, t.g, codes, *am, b0, b1, t.h, q, buf, true);
+      if (std::isinf(s)) s = NAN;  // as quant.block_absmax: 8 bits cannot hold inf, the block decodes to NaN
+      LK_QUANT(buf, b1 - b0, s, codes + b0, q);
+      *am = s;
+    } else {
+      float s = LK_RUN8<PT, GT, GSC, SKIP>(t.p, t.g, codes, t.absmax[0], b0, b1, t.h, q, buf, pass == 0);
+      if (pass == 1) LK_QUANT(buf, b1 - b0, scale, codes + b0, q);
+      amax = (s != s || amax != amax) ? NAN : (s > amax ? s : amax);
+    }
+  }
+  return amax;
+}
+
+template <int PT, int GT>
+float chunk_flags(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
+  if (t.gsc) return t.skip ? chunk_impl<PT, GT, true, true>(t, n0, n1, pass, scale, q)
+                           : chunk_impl<PT, GT, true, false>(t, n0, n1, pass, scale, q);
+  return t.skip ? chunk_impl<PT, GT, false, true>(t, n0, n1, pass, scale, q)
+                : chunk_impl<PT, GT, false, false>(t, n0, n1, pass, scale, q);
+}
+
+float run_chunk(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
+#define LK_CASE(P, G) \
+  if (t.pdt == P && t.gdt == G) return chunk_flags<P, G>(t, n0, n1, pass, scale, q);
+  LK_CASE(F32, F32) LK_CASE(F32, F16) LK_CASE(F32, BF16)
+  LK_CASE(F16, F32) LK_CASE(F16, F16) LK_CASE(F16, BF16)
+  LK_CASE(BF16, F32) LK_CASE(BF16, F16) LK_CASE(BF16, BF16)
+#undef LK_CASE
+  return 0.0f;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The instruction set this build vectorises with: 512 (AVX-512) or 0 (portable scalar code).
+int lk_isa() { return LK_AVX512 ? 512 : 0; }
+
+// One Lion step over n tensors. Per tensor i: pointers p[i], g[i], m[i] (fp32 momentum or
+// uint8 codes), absmax[i] (8-bit), numel[i]; info[4i..4i+3] = {mode, p dtype, g dtype, flags}
+// (flags: 1 skip_zeros, 2 grad scale or clip present); hyper[8i..8i+7] = {lr, b1, 1-b1, b2,
+// 1-b2, 1-lr*wd (or 1), grad_scale, clip (or inf)}. qc: quant_fast.kernel_constants.
+// Returns 0, or -1 if qc is not a constants array.
+int lk_step(int n, const int64_t* p, const int64_t* g, const int64_t* m, const int64_t* absmax,
+            const int64_t* numel, const int32_t* info, const float* hyper, const uint32_t* qc, int nthreads) {
+  if (qc[0] != QC_MAGIC) return -1;
+  const Quant q(qc);
+  std::vector<Tensor> ts((size_t)n);
+  std::vector<int64_t> first((size_t)n + 1, 0);  // index of each tensor's first chunk
+  bool any_per_tensor = false;
+  for (int i = 0; i < n; ++i) {
+    Tensor& t = ts[(size_t)i];
+    t.p = (void*)p[i];
+    t.g = (const void*)g[i];
+    t.m = (void*)m[i];
+    t.absmax = (float*)absmax[i];
+    t.n = numel[i];
+    t.mode = info[4 * i];
+    t.pdt = info[4 * i + 1];
+    t.gdt = info[4 * i + 2];
+    t.skip = (info[4 * i + 3] & 1) != 0;
+    t.gsc = (info[4 * i + 3] & 2) != 0;
+    std::memcpy(&t.h, hyper + 8 * i, sizeof(Hyper));
+    any_per_tensor |= t.mode == MOM8_TENSOR;
+    first[(size_t)i + 1] = first[(size_t)i] + (t.n + LK_CHUNK - 1) / LK_CHUNK;
+  }
+  const int64_t nchunks = first[(size_t)n];
+  std::vector<int32_t> owner((size_t)nchunks);
+  for (int i = 0; i < n; ++i)
+    for (int64_t c = first[(size_t)i]; c < first[(size_t)i + 1]; ++c) owner[(size_t)c] = i;
+  std::vector<float> part(any_per_tensor ? (size_t)nchunks : 0);
+  if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int i = owner[(size_t)c];
+    const Tensor& t = ts[(size_t)i];
+    int64_t n0 = (c - first[(size_t)i]) * LK_CHUNK, n1 = n0 + LK_CHUNK < t.n ? n0 + LK_CHUNK : t.n;
+    float r = run_chunk(t, n0, n1, 0, 0.0f, q);
+    if (t.mode == MOM8_TENSOR) part[(size_t)c] = r;
+  }
+  if (!any_per_tensor) return 0;
+  // per-tensor scales: the max over the tensor's chunks (NaN-propagating), then pass 1
+  std::vector<float> scale((size_t)n, 0.0f);
+  for (int i = 0; i < n; ++i) {
+    if (ts[(size_t)i].mode != MOM8_TENSOR) continue;
+    float s = 0.0f;
+    for (int64_t c = first[(size_t)i]; c < first[(size_t)i + 1]; ++c) {
+      float r = part[(size_t)c];
+      s = (r != r || s != s) ? NAN : (r > s ? r : s);
+    }
+    scale[(size_t)i] = s;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int i = owner[(size_t)c];
+    const Tensor& t = ts[(size_t)i];
+    if (t.mode != MOM8_TENSOR) continue;
+    int64_t n0 = (c - first[(size_t)i]) * LK_CHUNK, n1 = n0 + LK_CHUNK < t.n ? n0 + LK_CHUNK : t.n;
+    run_chunk(t, n0, n1, 1, scale[(size_t)i], q);
+  }
+  for (int i = 0; i < n; ++i)
+    if (ts[(size_t)i].mode == MOM8_TENSOR) ts[(size_t)i].absmax[0] = scale[(size_t)i];
+  return 0;
+}
+
+// Codes of n values in [-1, 1] (or NaN) with the kernel's own quantizer, as the 8-bit step
+// computes them (scale 1); for the exhaustive check.
+int lk_quantize(const float* x, uint8_t* out, int64_t n, const uint32_t* qc, int nthreads) {
+  if (qc[0] != QC_MAGIC) return -1;
+  const Quant q(qc);
+  if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t c = 0; c < (n + LK_CHUNK - 1) / LK_CHUNK; ++c) {
+    int64_t n0 = c * LK_CHUNK, n1 = n0 + LK_CHUNK < n ? n0 + LK_CHUNK : n;
+    for (int64_t b0 = n0; b0 < n1; b0 += LK_BLOCK) {
+      int64_t b1 = b0 + LK_BLOCK < n1 ? b0 + LK_BLOCK : n1;
+      LK_QUANT(x + b0, b1 - b0, 1.0f, out + b0, q);
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

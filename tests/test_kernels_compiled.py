@@ -1,0 +1,189 @@
+"""The fused CPU backend (kernels/compiled.py + lion_cpu.cpp) equals the reference bit for bit:
+parameters and every state tensor, against TorchBackend and against reference.py run in fp32.
+
+Both builds are covered: the AVX-512 one (where the CPU has it) and the portable scalar one
+(LIONKIT_CPU_ISA=scalar), which is what machines without AVX-512 run.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+import torch
+
+from kernel_cases import DTYPES, HYPERS, assert_same, clone_mom, make_case, run_multi, run_pair
+from lionkit import Lion, Lion8bit, kernels, quant, quant_fast, reference
+from lionkit.kernels import compiled
+from lionkit.kernels.base import StepHyper
+from lionkit.kernels.torch_eager import TorchBackend
+from lionkit.qstate import QuantizedState
+
+try:
+    compiled.load(False)
+    BUILD_ERROR = None
+except compiled.BuildError as e:  # no compiler on this machine
+    BUILD_ERROR = str(e).splitlines()[0]
+pytestmark = pytest.mark.skipif(BUILD_ERROR is not None, reason=f"CPU kernel cannot be built here: {BUILD_ERROR}")
+
+QMAP = quant.dynamic_map()
+KINDS = [(32, True), (8, True), (8, False)]  # (bits, block_wise): fp32, 8-bit per block, per tensor
+KIND_IDS = ["32bit", "8bit-block", "8bit-tensor"]
+
+
+@pytest.fixture(scope="module")
+def native():
+    return compiled.CompiledBackend(scalar=False)
+
+
+@pytest.fixture(scope="module")
+def portable():
+    """The build machines without AVX-512 run (plain C++ loops)."""
+    return compiled.CompiledBackend(scalar=True)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["native", "scalar"])
+def backend(request):
+    return compiled.CompiledBackend(scalar=request.param)
+
+
+@pytest.mark.parametrize("hyper", list(HYPERS), ids=list(HYPERS))
+@pytest.mark.parametrize("shape", [(1,), (4097,), (33, 1025)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_equals_torch_backend(native, bits, block_wise, dtype, shape, hyper):
+    run_pair(native, shape, dtype, bits, block_wise, HYPERS[hyper], steps=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_portable_build_equals_torch_backend(portable, bits, block_wise, dtype):
+    for hyper in ("plain", "all"):
+        run_pair(portable, (4097,), dtype, bits, block_wise, HYPERS[hyper], steps=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_large_odd_shape(native, bits, block_wise, dtype):
+    # 1024 x 1023: many chunks per tensor (per-tensor scales reduced across them), a partial block
+    run_pair(native, (1024, 1023), dtype, bits, block_wise, HYPERS["all"], steps=1)
+
+
+@pytest.mark.parametrize("grad_dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_gradient_dtype_differs_from_parameter(native, dtype, grad_dtype):
+    for bits in (32, 8):
+        run_pair(native, (777,), dtype, bits, True, HYPERS["scale_clip"], steps=2, grad_dtype=grad_dtype)
+
+
+def test_many_tensors_in_one_call(backend):
+    run_multi(backend)
+
+
+@pytest.mark.parametrize("hyper", list(HYPERS), ids=list(HYPERS))
+@pytest.mark.parametrize("bits", [32, 8])
+def test_equals_fp32_reference(native, bits, hyper):
+    # reference.py, the paper's equations, run in fp32: the same numbers bit for bit
+    p, g, m = make_case((3000,), torch.float32, bits, True, seed=5)
+    hp = HYPERS[hyper]
+    kw = {k: v for k, v in hp.items()}
+    if bits == 32:
+        want_p, want_m = reference.lion_reference(p, g, m, **kw)
+        native.step_many([p], [g], [m], [StepHyper(**hp)])
+        assert_same(want_p, p, want_m, m, "32-bit vs reference")
+    else:
+        want_p, want_codes, want_absmax = reference.lion_reference_8bit(
+            p, g, m.codes, m.absmax, m.qmap, m.block_size, **kw
+        )
+        native.step_many([p], [g], [m], [StepHyper(**hp)])
+        assert_same(want_p, p, QuantizedState(want_codes, want_absmax, QMAP), m, "8-bit vs reference")
+
+
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_non_finite_values_follow_the_reference(native, bits, block_wise):
+    p, g, m = make_case((1000,), torch.float32, bits, block_wise, seed=3)
+    g[5] = float("nan")
+    g[300] = float("inf")
+    g[600] = -float("inf")
+    p_ref, m_ref = p.clone(), clone_mom(m)
+    hp = StepHyper(**HYPERS["plain"])
+    TorchBackend().step_many([p_ref], [g], [m_ref], [hp])
+    native.step_many([p], [g], [m], [hp])
+    assert_same(p_ref, p, m_ref, m, "non-finite gradients")
+
+
+def test_quantizer_near_thresholds_and_strided(backend):
+    scalar = backend._scalar
+    x = quant_fast.near_thresholds(QMAP)
+    assert torch.equal(compiled.quantize(x, QMAP, scalar=scalar), quant.nearest_code(x, QMAP))
+    n = quant_fast.check_exhaustive(lambda v: compiled.quantize(v, QMAP, scalar=scalar), QMAP, stride=1021)
+    assert n > 2_000_000
+
+
+def test_step_allocates_nothing_in_proportion_to_the_tensor(native):
+    # Python/numpy side of a step: a few arrays per tensor, whatever its size. (The C++ side
+    # allocates one entry per 32K-element chunk and a 1 KiB stack buffer per thread.)
+    p, g, m = make_case((1 << 22,), torch.float32, 8, True)
+    hp = StepHyper(**HYPERS["all"])
+    native.step_many([p], [g], [m], [hp])
+    tracemalloc.start()
+    native.step_many([p], [g], [m], [hp])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 1024, peak
+
+
+def test_unsupported_tensors_fall_back_to_torch(native):
+    # a float64 parameter, and a map without a bucket table: TorchBackend handles them
+    p = torch.randn(64, 64, dtype=torch.float64)
+    g = torch.randn(64, 64, dtype=torch.float64)
+    m = torch.randn(64, 64) * 1e-2
+    odd_map = quant.dynamic_map()
+    odd_map[200] = torch.nextafter(odd_map[201], torch.tensor(0.0))
+    odd_map[202] = torch.nextafter(odd_map[201], torch.tensor(1.0))
+    p2, g2, q2 = make_case((5000,), torch.float32, 8, True)
+    q2 = QuantizedState.from_float(q2.dequantize(), quant.BLOCK_SIZE, odd_map)
+    assert not native.supports(p, m) and not native.supports(p2, q2)
+    refs = [(p.clone(), clone_mom(m)), (p2.clone(), clone_mom(q2))]
+    hp = StepHyper(**HYPERS["wd"])
+    TorchBackend().step_many([refs[0][0], refs[1][0]], [g, g2], [refs[0][1], refs[1][1]], [hp, hp])
+    native.step_many([p, p2], [g, g2], [m, q2], [hp, hp])
+    assert_same(refs[0][0], p, refs[0][1], m, "float64")
+    assert_same(refs[1][0], p2, refs[1][1], q2, "custom map")
+
+
+@pytest.mark.parametrize("cls,kw", [(Lion, {}), (Lion8bit, {"min_8bit_size": 16}), (Lion8bit, {"block_wise": False})])
+def test_optimizer_uses_and_reports_it(cls, kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 300), torch.nn.Tanh(), torch.nn.Linear(300, 7))
+    clone = torch.nn.Sequential(torch.nn.Linear(40, 300), torch.nn.Tanh(), torch.nn.Linear(300, 7))
+    clone.load_state_dict(model.state_dict())
+    fast = cls(model.parameters(), lr=1e-3, weight_decay=0.1, backend="compiled", **kw)
+    slow = cls(clone.parameters(), lr=1e-3, weight_decay=0.1, backend="torch", **kw)
+    x = torch.randn(64, 40)
+    for _ in range(3):
+        for net, opt in ((model, fast), (clone, slow)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    assert fast.backends_used == {"cpu": "compiled"} and slow.backends_used == {"cpu": "torch"}
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+        for key, value in slow.state[b].items():
+            other = fast.state[a][key]
+            assert torch.equal(torch.as_tensor(other), torch.as_tensor(value)), key
+
+
+def test_auto_picks_it_on_cpu():
+    assert kernels.resolve("auto", torch.device("cpu")).name == "compiled"
+    assert kernels.resolve("compiled", torch.device("cpu")).name == "compiled"
+    with pytest.raises(ValueError, match="cpu"):
+        kernels.resolve("compiled", torch.device("meta"))
+
+
+def test_build_cache_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIONKIT_CACHE_DIR", str(tmp_path))
+    path = compiled._build(scalar=False)
+    assert path.parent == tmp_path and path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert compiled._build(scalar=False) == path and path.stat().st_mtime_ns == mtime

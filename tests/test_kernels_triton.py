@@ -1,0 +1,124 @@
+"""The Triton backend (kernels/triton_lion.py) equals the reference bit for bit.
+
+No GPU here: the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by this
+module's fixture before the kernels are defined) on small shapes, with small tiles so that the
+loops, masks and multi-tensor tables are all exercised. On a CUDA machine the same tests run
+the compiled kernels on the GPU as well.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Before triton is first imported: its library functions are defined for the interpreter then.
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="triton not installed (pip install 'lionkit[triton]')")
+
+from kernel_cases import DTYPES, HYPERS, run_multi, run_pair  # noqa: E402
+from lionkit import kernels, quant, quant_fast  # noqa: E402
+from lionkit.kernels import triton_lion  # noqa: E402
+
+QMAP = quant.dynamic_map()
+KINDS = [(32, True), (8, True), (8, False)]
+KIND_IDS = ["32bit", "8bit-block", "8bit-tensor"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if _OLD_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+@pytest.fixture(scope="module")
+def backend(_interpreter):
+    # tiles: 32-bit programs of 2 x 128 elements, 8-bit programs of 2 x 2 blocks of 256
+    return triton_lion.TritonBackend(allow_cpu=True, block=128, iters=2, rows=2, rows_iters=2)
+
+
+@pytest.mark.parametrize("hyper", ["plain", "all"])
+@pytest.mark.parametrize("shape", [(1,), (1031,), (3, 257)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_equals_torch_backend(backend, bits, block_wise, dtype, shape, hyper):
+    run_pair(backend, shape, dtype, bits, block_wise, HYPERS[hyper], steps=2)
+
+
+@pytest.mark.parametrize("hyper", ["wd", "scale_clip"])
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_other_hyperparameters(backend, bits, block_wise, hyper):
+    run_pair(backend, (700,), torch.bfloat16, bits, block_wise, HYPERS[hyper], steps=2)
+
+
+def test_gradient_dtype_differs_from_parameter(backend):
+    run_pair(backend, (300,), torch.bfloat16, 8, True, HYPERS["all"], steps=1, grad_dtype=torch.float32)
+    run_pair(backend, (300,), torch.float32, 32, True, HYPERS["all"], steps=1, grad_dtype=torch.float16)
+
+
+def test_many_tensors_in_one_launch(backend):
+    # sizes around the tiles' edges (32-bit programs cover 256 elements, 8-bit ones 1024)
+    run_multi(backend, steps=2, sizes=(1, 0, 255, 257, 1025))
+
+
+def test_quantizer_near_thresholds_and_strided(_interpreter):
+    x = quant_fast.near_thresholds(QMAP)
+    assert torch.equal(triton_lion.quantize(x, QMAP), quant.nearest_code(x, QMAP))
+    n = quant_fast.check_exhaustive(lambda v: triton_lion.quantize(v, QMAP, block=1 << 16), QMAP, stride=8191)
+    assert n > 250_000
+
+
+def test_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        triton_lion.TritonBackend(allow_cpu=True)
+    assert not triton_lion.TritonBackend().supports(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="cuda"):
+        kernels.resolve("triton", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_on_gpu_equals_torch_backend():
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        gpu = triton_lion.TritonBackend()
+        for bits, bw in KINDS:
+            for dtype in DTYPES:
+                from kernel_cases import make_case, clone_mom, assert_same
+                from lionkit.kernels.base import StepHyper
+                from lionkit.kernels.torch_eager import TorchBackend
+
+                p, g, m = make_case((5000, 37), dtype, bits, bw)
+                p, g = p.cuda(), g.cuda()
+                m = m.cuda() if bits == 32 else type(m)(m.codes.cuda(), m.absmax.cuda(), m.qmap.cuda(), m.block_size)
+                pr, mr = p.clone(), clone_mom(m)
+                hp = StepHyper(**HYPERS["all"])
+                TorchBackend().step_many([pr], [g], [mr], [hp])
+                gpu.step_many([p], [g], [m], [hp])
+                assert_same(pr, p, mr, m, f"GPU {bits}-bit {dtype}")
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def test_auto_falls_back_when_the_kernels_fail(_interpreter, monkeypatch):
+    # backend="auto" builds the Triton backend with fallback_on_error: a GPU Triton cannot
+    # compile for must cost a warning, not the training step
+    b = triton_lion.TritonBackend(allow_cpu=True, fallback_on_error=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(b, "_launch", broken)
+    with pytest.warns(UserWarning, match="no kernel for this GPU"):
+        run_pair(b, (300,), torch.float32, 8, True, HYPERS["plain"], steps=2)
+    assert b.broken and b.name.startswith("torch")
+    strict = triton_lion.TritonBackend(allow_cpu=True)
+    monkeypatch.setattr(strict, "_launch", broken)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        run_pair(strict, (300,), torch.float32, 8, True, HYPERS["plain"], steps=1)

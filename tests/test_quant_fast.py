@@ -1,0 +1,98 @@
+"""quant_fast: the bucket-table quantizer equals quant.nearest_code exactly.
+
+The normal run checks every float32 within 64 ulps of each threshold (against the float64
+brute force too) and a strided subset of all floats in [-1, 1]. The exhaustive check of all
+2,130,706,434 floats runs with LIONKIT_EXHAUSTIVE=1 (or ``python -m lionkit.quant_fast``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lionkit import quant, quant_fast
+
+QMAP = quant.dynamic_map()
+EXHAUSTIVE = os.environ.get("LIONKIT_EXHAUSTIVE") == "1"
+
+
+def test_table_of_the_dynamic_map():
+    table = quant_fast.bucket_table(QMAP)
+    assert table is not None and table.zero == 127
+    # every threshold has its own bucket, and the table covers |x| up to 1.0
+    assert table.lut.shape == (2 * table.nb,)
+    assert (0x3F800000 >> 16) - table.key0 == table.nb - 1
+    lows = table.lut & 0x1FFFF
+    assert (lows < 65536).sum() == 127 + 126  # positive and negative thresholds
+    first = table.lut >> 17
+    assert np.all(np.diff(first[: table.nb].astype(np.int64)) >= 0)
+
+
+def test_near_every_threshold_matches_nearest_code_and_bruteforce():
+    x = quant_fast.near_thresholds(QMAP, ulps=64)
+    fast = quant_fast.nearest_code_fast(x, QMAP)
+    assert torch.equal(fast, quant.nearest_code(x, QMAP))
+    assert torch.equal(fast, quant.nearest_code_bruteforce(x, QMAP))
+
+
+def test_special_values():
+    tiny = torch.tensor(1e-45)  # the smallest subnormal
+    x = torch.tensor([0.0, -0.0, 1.0, -1.0, tiny, -tiny, float("nan"), 0.5, -0.5])
+    got = quant_fast.nearest_code_fast(x, QMAP)
+    assert got.tolist()[:6] == [127, 127, 255, 0, 128, 126]  # nonzero never gets the zero code
+    assert got[6] == 255  # NaN, where torch.bucketize puts it
+    assert torch.equal(got, quant.nearest_code(x, QMAP))
+
+
+def test_strided_subset_of_all_floats():
+    n = quant_fast.check_exhaustive(lambda x: quant_fast.nearest_code_fast(x, QMAP), QMAP, stride=2039)
+    assert n > 1_000_000
+
+
+def test_random_values_and_shape_kept():
+    x = (torch.rand(3, 1000, generator=torch.Generator().manual_seed(0)) * 2 - 1) ** 5
+    got = quant_fast.nearest_code_fast(x, QMAP)
+    assert got.shape == x.shape and got.dtype == torch.uint8
+    assert torch.equal(got, quant.nearest_code(x, QMAP))
+
+
+def test_another_map_with_a_table():
+    # log-spaced magnitudes (9.5 % apart): at most one threshold per 2**-7 bucket
+    mags = torch.logspace(-5, 0, 128, dtype=torch.float64).to(torch.float32)
+    mags[-1] = 1.0
+    qmap = torch.cat([-mags[:-1].flip(0), torch.zeros(1), mags])
+    quant.validate_qmap(qmap)
+    assert quant_fast.bucket_table(qmap) is not None
+    x = torch.cat([quant_fast.near_thresholds(qmap, ulps=8), torch.rand(10000) * 2 - 1])
+    assert torch.equal(quant_fast.nearest_code_fast(x, qmap), quant.nearest_code(x, qmap))
+
+
+def test_map_without_a_table_is_refused():
+    # three codes one ulp apart: the two thresholds between them share a bucket
+    qmap = quant.dynamic_map()
+    qmap[200] = torch.nextafter(qmap[201], torch.tensor(0.0))
+    qmap[202] = torch.nextafter(qmap[201], torch.tensor(1.0))
+    quant.validate_qmap(qmap)
+    assert quant_fast.bucket_table(qmap) is None
+    assert quant_fast.kernel_constants(qmap) is None
+    with pytest.raises(ValueError, match="bucket table"):
+        quant_fast.nearest_code_fast(torch.zeros(3), qmap)
+
+
+def test_kernel_constants_layout():
+    qc = quant_fast.kernel_constants(QMAP)
+    table = quant_fast.bucket_table(QMAP)
+    assert qc[0] == quant_fast.MAGIC
+    assert (qc[quant_fast.HDR_KEY0], qc[quant_fast.HDR_NB], qc[quant_fast.HDR_ZERO]) == (table.key0, table.nb, 127)
+    assert np.array_equal(qc[quant_fast.QMAP_AT : quant_fast.QMAP_AT + 256].view(np.float32), QMAP.numpy())
+    assert np.array_equal(qc[quant_fast.LUT_AT :], table.lut)
+    assert not qc.flags.writeable
+
+
+@pytest.mark.skipif(not EXHAUSTIVE, reason="all 2.1e9 floats take minutes: set LIONKIT_EXHAUSTIVE=1")
+def test_exhaustive_torch():
+    n = quant_fast.check_exhaustive(lambda x: quant_fast.nearest_code_fast(x, QMAP), QMAP)
+    assert n == 2 * (quant_fast.ONE_BITS + 1)

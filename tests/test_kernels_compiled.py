@@ -62,8 +62,12 @@ def test_portable_build_equals_torch_backend(portable, bits, block_wise, dtype):
         run_pair(portable, (4097,), dtype, bits, block_wise, HYPERS[hyper], steps=2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize(
+    "bits,block_wise,dtype",
+    [(32, True, torch.float32), (32, True, torch.bfloat16), (8, True, torch.float32), (8, True, torch.float16),
+     (8, False, torch.bfloat16)],
+    ids=["32bit-f32", "32bit-bf16", "8bit-block-f32", "8bit-block-f16", "8bit-tensor-bf16"],
+)
 def test_large_odd_shape(native, bits, block_wise, dtype):
     # 1024 x 1023: many chunks per tensor (per-tensor scales reduced across them), a partial block
     run_pair(native, (1024, 1023), dtype, bits, block_wise, HYPERS["all"], steps=1)
@@ -181,9 +185,44 @@ def test_auto_picks_it_on_cpu():
         kernels.resolve("compiled", torch.device("meta"))
 
 
-def test_build_cache_is_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIONKIT_CACHE_DIR", str(tmp_path))
-    path = compiled._build(scalar=False)
-    assert path.parent == tmp_path and path.exists()
+def test_build_cache_is_reused(monkeypatch):
+    path = compiled._build(scalar=False)  # built when this module was imported
+    assert path.exists() and path.parent == compiled.cache_dir()
     mtime = path.stat().st_mtime_ns
+
+    real_popen = compiled.subprocess.Popen
+    compiles = []
+
+    def watch(cmd, *args, **kwargs):
+        if "-c" in cmd:  # a compilation, as opposed to `c++ --version` (part of the cache key)
+            compiles.append(cmd)
+        return real_popen(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(compiled.subprocess, "Popen", watch)
     assert compiled._build(scalar=False) == path and path.stat().st_mtime_ns == mtime
+    assert compiles == []
+
+
+def test_build_error_names_the_compiler_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIONKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "SOURCE", tmp_path / "broken.cpp")
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    with pytest.raises(compiled.BuildError, match="broken.cpp"):
+        compiled._build(scalar=False)
+
+
+def test_all_finite_matches_torch():
+    gen = torch.Generator().manual_seed(0)
+    tensors = []
+    for dtype in DTYPES:
+        for n, bad_at, value in [(1, None, 0), (7, 6, float("inf")), (40000, 39999, float("nan")),
+                                 (70000, 33000, -float("inf")), (5000, None, 0), (0, None, 0)]:
+            t = torch.randn(n, generator=gen).to(dtype)
+            if bad_at is not None:
+                t[bad_at] = value
+            tensors.append(t)
+    tensors.append(torch.tensor([torch.finfo(torch.float16).max], dtype=torch.float16))  # finite, exponent not all ones
+    want = [bool(torch.isfinite(t).all()) for t in tensors]
+    assert compiled.all_finite(tensors) == want
+    with pytest.raises(ValueError, match="contiguous"):
+        compiled.all_finite([torch.zeros(4, 4).t()])

@@ -6,7 +6,8 @@ learning-rate schedules and gradient clipping from MLX and braintools.
 """
 
 try:
-    from .checkpoint import save_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from .guards import NonFiniteGradientError
     from .config import GlobalOptimManager
     from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
     from .qstate import QuantizedState
@@ -35,5 +36,8 @@ __all__ = [
     "GlobalOptimManager",
     "QuantizedState",
     "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+    "NonFiniteGradientError",
     "__version__",
 ]

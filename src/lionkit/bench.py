@@ -126,7 +126,7 @@ class Variant:
     backend: str = ""  # lionkit backend, or the peer's package
     bits: int = 32
     compiles: bool = False  # first step includes a build/compile (measure cold too)
-    note: str = ""
+    guard: bool = False  # lionkit: keep the default non-finite-gradient check (nonfinite="raise")
 
     def key(self) -> str:
         return f"{self.name} [{self.dtype}]"
@@ -146,8 +146,17 @@ def build_optimizer(v: Variant, params) -> Any:
     if v.family == "lionkit":
         import lionkit
 
+        import inspect
+
         cls = lionkit.Lion8bit if v.bits == 8 else lionkit.Lion
-        return cls(params, lr=lr, betas=betas, weight_decay=wd, backend=v.backend)
+        kw = {}
+        from .optimizer import _LionBase
+
+        if not v.guard and "nonfinite" in inspect.signature(_LionBase.__init__).parameters:
+            # the step itself: without the separate pass over every gradient that the default
+            # nonfinite="raise" makes (its cost is the "+ finite check" row)
+            kw["nonfinite"] = "propagate"
+        return cls(params, lr=lr, betas=betas, weight_decay=wd, backend=v.backend, **kw)
     if v.name == "bnb Lion":
         import bitsandbytes as bnb
 
@@ -182,6 +191,7 @@ def variants_for(device: str, peers: bool) -> list[Variant]:
         for bits in (32, 8):
             out.append(Variant(f"lionkit {bits}-bit {fast}", "lionkit", dt, fast, bits, compiles=True))
             out.append(Variant(f"lionkit {bits}-bit torch", "lionkit", dt, "torch", bits))
+        out.append(Variant(f"lionkit 32-bit {fast} +check", "lionkit", dt, fast, 32, guard=True))
     if peers:
         for dt in ("fp32", "bf16"):
             out += [

@@ -15,11 +15,15 @@ from typing import Any
 
 import torch
 
-from . import clipping, config, quant
+from . import clipping, config, guards, quant
 
 BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
 _DROPPED_GROUP_KEYS = frozenset({"eps"})  # bitsandbytes' unused Lion eps
 _DROPPED_STATE_KEYS = frozenset({"unorm_vec"})  # bitsandbytes' update-norm buffer (max_unorm, unused by Lion)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (missing, truncated, corrupted, not a checkpoint)."""
 
 
 def flatten_param_state(st: dict[str, Any]) -> dict[str, Any]:
@@ -34,15 +38,17 @@ def flatten_param_state(st: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def nest_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``state_dict`` in bitsandbytes >= 0.49.2's nested layout (tensors other than
-    ``step`` moved under ``__bnb_optimizer_quant_state__``)."""
+def to_bitsandbytes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a lionkit ``state_dict`` that bitsandbytes' Lion/Lion8bit loads: its nested
+    layout (bnb >= 0.49.2; tensors other than ``step`` under ``__bnb_optimizer_quant_state__``)
+    and the ``eps`` its param groups must carry. The tensors are shared, not copied."""
     out_state = {}
     for key, st in state_dict["state"].items():
         st = flatten_param_state(st)
         nested = {k: v for k, v in st.items() if k != "step"}
         out_state[key] = {"step": st.get("step", 0), BNB_NESTED_KEY: nested}
-    return {"state": out_state, "param_groups": [dict(g) for g in state_dict["param_groups"]]}
+    groups = [{**g, "eps": g.get("eps", 0.0)} for g in state_dict["param_groups"]]
+    return {"state": out_state, "param_groups": groups}
 
 
 def _to_int_step(value: Any, where: str) -> int:
@@ -70,28 +76,36 @@ def parse_param_state(st: Any, p: torch.Tensor, where: str) -> dict[str, Any]:
     s1 = st["state1"]
     if not isinstance(s1, torch.Tensor):
         raise ValueError(f"{where}: 'state1' must be a tensor, got {type(s1).__name__}")
-    if s1.shape != p.shape:
-        raise ValueError(f"{where}: momentum shape {tuple(s1.shape)} does not match parameter shape {tuple(p.shape)}")
+    like = guards.as_real(p)  # a complex parameter's state is that of its real view
+    if s1.shape != like.shape:
+        raise ValueError(
+            f"{where}: momentum shape {tuple(s1.shape)} does not match parameter shape {tuple(like.shape)}"
+        )
     dev = p.device
+    # Copies are contiguous whatever the saved strides: the kernels work on flat memory.
+    contiguous = torch.contiguous_format
     if s1.dtype == torch.uint8:
         if "absmax1" not in st:
             raise ValueError(f"{where}: 8-bit momentum (uint8 'state1') without its scales ('absmax1')")
         absmax = st["absmax1"]
-        blocks = quant.num_blocks(p.numel(), quant.BLOCK_SIZE)
+        blocks = quant.num_blocks(like.numel(), quant.BLOCK_SIZE)
         if not isinstance(absmax, torch.Tensor) or not absmax.is_floating_point() or absmax.numel() not in (1, blocks):
             got = tuple(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
             raise ValueError(
                 f"{where}: 'absmax1' must be a float tensor of {blocks} block scales (or 1 per-tensor scale), got {got}"
             )
+        if bool((absmax < 0).any()):
+            # a scale is a maximum of absolute values; a negative one would flip every sign
+            raise ValueError(f"{where}: 'absmax1' holds negative scales (the checkpoint is damaged)")
         qmap = st.get("qmap1")
         if qmap is None:
             qmap = quant.dynamic_map()
         quant.validate_qmap(qmap, f"{where}: 'qmap1'")
-        out["state1"] = s1.to(dev, copy=True)
+        out["state1"] = s1.to(dev, copy=True, memory_format=contiguous)
         out["absmax1"] = absmax.to(dev, torch.float32, copy=True).reshape(-1)
         out["qmap1"] = qmap.to(dev, copy=True)
     elif s1.is_floating_point():
-        out["state1"] = s1.to(dev, torch.float32, copy=True)
+        out["state1"] = s1.to(dev, torch.float32, copy=True, memory_format=contiguous)
     else:
         raise ValueError(f"{where}: momentum dtype {s1.dtype} is neither float nor uint8")
     if "gnorm_vec" in st:
@@ -113,17 +127,25 @@ def parse_state_dict(
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)):
+        raise ValueError(f"state dict 'param_groups' must be a list, got {type(saved_groups).__name__}")
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError(f"state dict 'state' must be a dict, got {type(state_dict['state']).__name__}")
     if len(saved_groups) != len(groups):
         raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer has {len(groups)}")
     id_map: dict[Any, tuple[torch.Tensor, str]] = {}
     new_groups = []
     for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(f"param group {gi} of the state dict must be a dict with a 'params' list")
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(
                 f"param group {gi}: state dict has {len(saved['params'])} parameters, the optimizer has "
                 f"{len(group['params'])}"
             )
         for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
+            if key in id_map:
+                raise ValueError(f"state dict lists parameter id {key!r} twice (again in param group {gi})")
             id_map[key] = (p, f"parameter {i} of param group {gi} (shape {tuple(p.shape)})")
         upd = {k: v for k, v in saved.items() if k != "params" and k not in _DROPPED_GROUP_KEYS}
         if "betas" in upd:
@@ -134,6 +156,9 @@ def parse_state_dict(
                     config.check(k, v)
                 except ValueError as e:
                     raise ValueError(f"param group {gi} of the state dict: {e}") from None
+        # The optimizer's own storage settings win over the checkpoint's (its state is converted
+        # to them): that is how an 8-bit checkpoint loads into a 32-bit optimizer.
+        upd = {k: v for k, v in upd.items() if k not in config.STATE_KEYS}
         new_groups.append(upd)
     new_state: dict[torch.Tensor, dict[str, Any]] = {}
     for key, st in state_dict["state"].items():
@@ -166,3 +191,36 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", *, weights_only: bool = True
+) -> Any:
+    """``torch.load`` for files written by ``save_checkpoint``, with a clear error.
+
+    A missing, truncated or corrupted file raises ``CheckpointError`` (a ``ValueError``) naming
+    the file and what went wrong, instead of a zip-reader traceback. ``weights_only=True``
+    (the default) is safe for untrusted files and enough for lionkit's state dicts.
+
+    Example::
+
+        lionkit.save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict()}, "ckpt.pt")
+        ckpt = lionkit.load_checkpoint("ckpt.pt")
+        model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"])
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    size = os.path.getsize(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        if weights_only and type(e).__name__ == "UnpicklingError" and "weights_only" in str(e):
+            hint = "it holds objects other than tensors and plain containers; pass weights_only=False if you trust it"
+        else:
+            # save_checkpoint never leaves such a file in place of a good one
+            hint = "the file is truncated or corrupted (written some other way, or damaged after saving)"
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r} ({size} bytes): {hint}. {type(e).__name__}: {first_line}"
+        ) from e

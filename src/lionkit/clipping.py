@@ -14,8 +14,8 @@ GNORM_HISTORY = 100
 
 
 def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
-    """sum(g^2) accumulated in fp32 (bf16/fp16 gradients included), as a 0-dim tensor."""
-    return torch.linalg.vector_norm(g, 2, dtype=torch.float32).square()
+    """sum(g^2) accumulated in fp32 (bf16/fp16 gradients included; fp64 stays fp64), as a 0-dim tensor."""
+    return torch.linalg.vector_norm(g, 2, dtype=torch.promote_types(g.dtype, torch.float32)).square()
 
 
 def percentile_scale(

@@ -37,6 +37,26 @@ _ARGS_DOC = """
             ``[-grad_clip_value, grad_clip_value]``.
         backend (str, keyword-only, default "auto"): update implementation; see
             ``lionkit.kernels``. The one used per device is in ``opt.backends_used``.
+        nonfinite (str, keyword-only, default "raise"): what a step does when a gradient holds
+            NaN or +-inf, checked over all gradients before anything is written. "raise":
+            ``lionkit.NonFiniteGradientError`` naming the parameter, nothing updated (the
+            default: one NaN would otherwise poison the momentum for good, silently).
+            "skip": nothing updated, ``opt.skipped_steps`` counts it. "propagate": no check,
+            as torch.optim and bitsandbytes do (saves one read of the gradients and one host
+            sync per step). ``torch.amp.GradScaler`` skips such steps itself, under any policy.
+        stochastic_rounding (bool, keyword-only, default False): for bf16/fp16 parameters, round
+            the fp32 result of each step to the parameter's dtype stochastically (unbiased: the
+            upper neighbour with probability equal to the distance from the lower one, in units
+            of their gap) instead of to nearest, so updates smaller than half a bf16 spacing are
+            kept on average. This is what lets pure-bf16 weights (no fp32 master copy) train
+            like fp32: with ``optim_bits=8``, 3 bytes per parameter for weights and state
+            together. No effect on fp32 parameters. See ``lionkit.rounding`` and
+            ``docs/convergence.md``.
+        sr_seed (int, keyword-only, default None): seed of the stochastic rounding. Every draw
+            is fixed by (sr_seed, step, the parameter's place in the optimizer), so a run is
+            reproducible and a resumed run continues exactly as an uninterrupted one would when
+            given the same sr_seed. None draws it from torch's default generator when the
+            optimizer is built (so ``torch.manual_seed`` fixes it); read it from ``opt.sr_seed``.
 """
 
 

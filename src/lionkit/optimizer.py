@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from . import checkpoint, clipping, config, kernels, paging, quant
+from . import checkpoint, clipping, config, distributed, guards, kernels, paging, quant, rounding
 from .kernels.base import Momentum, StepHyper
+from .kernels import sr_adapter
 from .qstate import QuantizedState
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
@@ -38,6 +39,9 @@ class _LionBase(torch.optim.Optimizer):
         grad_clip_norm: Optional[float] = None,
         grad_clip_value: Optional[float] = None,
         backend: str = "auto",
+        nonfinite: str = "raise",
+        stochastic_rounding: bool = False,
+        sr_seed: Optional[int] = None,
     ) -> None:
         config.check_lr(lr)
         config.check_betas(betas)
@@ -45,6 +49,9 @@ class _LionBase(torch.optim.Optimizer):
         config.check_clip_norm(grad_clip_norm)
         config.check_clip_value(grad_clip_value)
         config.check_bool("is_paged", is_paged)
+        guards.check_nonfinite_policy(nonfinite)
+        config.check_bool("stochastic_rounding", stochastic_rounding)
+        rounding.check_seed("sr_seed", sr_seed)
         if backend not in kernels.BACKEND_NAMES:
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {', '.join(kernels.BACKEND_NAMES)})")
         state_cfg = config.state_config_from_args(
@@ -68,6 +75,14 @@ class _LionBase(torch.optim.Optimizer):
         self._qmaps: dict[torch.device, torch.Tensor] = {}
         self._override_cache: dict[int, tuple[int, dict[str, Any]]] = {}
         self.backends_used: dict[str, str] = {}  # device -> backend name, filled at each step
+        self.nonfinite = nonfinite
+        self.stochastic_rounding = stochastic_rounding
+        if stochastic_rounding and sr_seed is None:
+            # drawn from torch's default generator, so torch.manual_seed(...) fixes the run
+            sr_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        self.sr_seed = sr_seed  # with the step count and the parameter's place: every SR draw
+        self.skipped_steps = 0  # steps skipped under nonfinite="skip" (not saved in checkpoints)
+        self.torn: Optional[str] = None  # why the last step stopped part-way; None when consistent
 
         defaults = dict(
             lr=self._lr_value(lr, 0),
@@ -77,6 +92,9 @@ class _LionBase(torch.optim.Optimizer):
             **state_cfg,
         )
         super().__init__(params, defaults)
+        self.register_state_dict_pre_hook(_refuse_if_torn)
+        # FSDP2 (DTensor) parameters: save their state in a form that reshards (distributed.py)
+        self.register_state_dict_post_hook(distributed.state_dict_post_hook)
         if is_paged:
             paging.warn_if_unpageable(p for g in self.param_groups for p in g["params"])
 
@@ -101,6 +119,11 @@ class _LionBase(torch.optim.Optimizer):
             schedule = self._default_schedule
         else:
             schedule = None
+        if isinstance(param_group, dict) and "params" in param_group:
+            param_group = {**param_group, "params": guards.param_list(param_group["params"])}
+            # kept between calls: adding one group per parameter stays linear
+            index = self.__dict__.setdefault("_group_index", {})
+            guards.check_new_group(self.param_groups, param_group["params"], index)
         for key, value in param_group.items() if isinstance(param_group, dict) else ():
             if key in config.GROUP_KEYS or key in config.STATE_KEYS:
                 config.check(key, value)
@@ -129,36 +152,44 @@ class _LionBase(torch.optim.Optimizer):
         if s1.dtype != torch.uint8:
             return s1
         absmax = state["absmax1"]
-        per_tensor = absmax.numel() == 1 and p.numel() > quant.BLOCK_SIZE
+        per_tensor = absmax.numel() == 1 and guards.as_real(p).numel() > quant.BLOCK_SIZE
         return QuantizedState(s1, absmax, state["qmap1"], None if per_tensor else quant.BLOCK_SIZE)
 
     def _wanted_format(self, cfg: dict[str, Any], p: torch.Tensor) -> tuple[bool, Optional[int]]:
-        eight = cfg["optim_bits"] == 8 and p.numel() >= cfg["min_8bit_size"]
-        return eight, (quant.BLOCK_SIZE if cfg["block_wise"] else None)
+        numel = guards.as_real(p).numel()
+        eight = cfg["optim_bits"] == 8 and numel >= cfg["min_8bit_size"]
+        # a tensor of at most one block has the same layout either way: call it block-wise
+        per_tensor = not cfg["block_wise"] and numel > quant.BLOCK_SIZE
+        return eight, (None if per_tensor else quant.BLOCK_SIZE)
 
     def _prepare_state(self, p: torch.Tensor, cfg: dict[str, Any]) -> dict[str, Any]:
         """Build the state of ``p`` lazily, or convert it when its configuration changed
         (an override after the first step, or a checkpoint of the other bit width)."""
         state = self.state[p]
         eight, block_size = self._wanted_format(cfg, p)
+        if distributed.is_dtensor(p):  # an FSDP2 shard: local state, global blocks and sizes
+            return distributed.prepare_state(self, p, cfg, eight, block_size)
         paged = self.is_paged
+        like = guards.as_real(p)  # the state of a complex parameter is that of its real view
         if "state1" not in state:
             state["step"] = state.get("step", 0)
             if eight:
-                self._store_8bit(state, p, None, block_size, paged)
+                self._store_8bit(state, like, None, block_size, paged)
             else:
-                state["state1"] = paging.state_zeros(p, torch.float32, paged)
+                state["state1"] = paging.state_zeros(like, torch.float32, paged)
         else:
+            # Conversions put new tensors into `state` and never modify the old ones, so a step
+            # that fails later can restore the state by restoring the dict (see `step`).
             current = self.momentum(state, p)
             is8 = isinstance(current, QuantizedState)
             if is8 and not eight:
                 m = current.dequantize()
-                state["state1"] = paging.state_zeros(p, torch.float32, paged)
+                state["state1"] = paging.state_zeros(like, torch.float32, paged)
                 state["state1"].copy_(m)
                 del state["absmax1"], state["qmap1"]
             elif eight and (not is8 or current.block_size != block_size):
                 m = current.dequantize() if is8 else current
-                self._store_8bit(state, p, m, block_size, paged)
+                self._store_8bit(state, like, m, block_size, paged)
         if cfg["percentile_clipping"] < 100 and "gnorm_vec" not in state:
             state["gnorm_vec"] = torch.zeros(clipping.GNORM_HISTORY, dtype=torch.float32, device=p.device)
         return state
@@ -176,89 +207,205 @@ class _LionBase(torch.optim.Optimizer):
         state["state1"], state["absmax1"], state["qmap1"] = codes, q.absmax, qmap
 
     # ------------------------------------------------------------------ step
-    def _check_grad(self, p: torch.Tensor) -> None:
-        g = p.grad
-        if g.is_sparse:
-            raise RuntimeError("Lion does not support sparse gradients")
-        if g.shape != p.shape:
-            raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
-        if g.device != p.device:
-            raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
-        if not p.is_floating_point():
-            raise RuntimeError(f"Lion needs floating-point parameters, got dtype {p.dtype}")
+    def _check_inputs(self) -> list[tuple[int, dict[str, Any], torch.Tensor]]:
+        """Every (group index, group, parameter) with a gradient, after checking parameters,
+        gradients, existing state and group settings; raises naming the first problem."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            for key in config.GROUP_KEYS:
+                # settings may have been changed by hand or by a scheduler since the last step
+                if key in group and not (key == "lr" and self._lr_schedules[gi] is not None):
+                    try:
+                        config.check(key, group[key])
+                    except ValueError as e:
+                        raise ValueError(f"param group {gi}: {e}") from None
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                guards.check_param(p, gi, i)
+                guards.check_grad(p, p.grad, gi, i)
+                if distributed.is_dtensor(p):
+                    distributed.check_grad(p, p.grad, guards.where(gi, i, p))
+                    if p in self.state:
+                        distributed.check_state(self.state[p], p, guards.where(gi, i, p))
+                elif p in self.state:
+                    guards.check_state(self.state[p], p, gi, i)
+                work.append((gi, group, p))
+        return work
+
+    def _nonfinite_gate(self, work: list[tuple[int, dict[str, Any], torch.Tensor]]) -> bool:
+        """Apply the ``nonfinite`` policy; True when this step must be skipped."""
+        if self.nonfinite == "propagate":
+            return False
+        # with sharded (DTensor) gradients: over whole tensors, so every rank decides alike
+        bad = distributed.nonfinite_params([p.grad for _, _, p in work])
+        if not bad:
+            return False
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return True
+        gi, group, p = work[bad[0]]
+        name = guards.where(gi, next(i for i, q in enumerate(group["params"]) if q is p), p)
+        more = f" (and {len(bad) - 1} more parameters)" if len(bad) > 1 else ""
+        raise guards.NonFiniteGradientError(
+            f"non-finite gradient in {name}: {guards.describe_nonfinite(p.grad)}{more}. Nothing was updated. "
+            "Pass nonfinite='skip' to skip such steps (counted in opt.skipped_steps), or use "
+            "torch.amp.GradScaler, which skips them for mixed-precision training"
+        )
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Perform one optimization step; returns the closure's loss, if a closure is given."""
+        """Perform one optimization step; returns the closure's loss, if a closure is given.
+
+        All-or-nothing: every input is checked and every scale computed before the first write;
+        see ``docs/reliability.md``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.torn is not None:
+            raise RuntimeError(_torn_message(self.torn))
 
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._check_grad(p)
-                work.append((gi, group, p))
-        if not work:
+        # 1. Check; nothing is written until every parameter has passed.
+        work = self._check_inputs()
+        if not work or self._nonfinite_gate(work):
             return loss
 
+        # 2. Everything the update needs, computed from the inputs without writing.
         plans = []
+        dist_sq = distributed.sharded_sq_norms(self, work)  # whole-tensor norms of FSDP2 shards
         for gi, group, p in work:
             cfg = self._config(group, p)
-            state = self._prepare_state(p, cfg)
-            step = state["step"] + 1
+            state = self.state.get(p, {})
+            step = state.get("step", 0) + 1
             schedule = self._lr_schedules[gi]
             # update k uses schedule(k - 1), as in MLX
             lr = self._lr_value(schedule, step - 1) if schedule is not None else self._lr_value(cfg["lr"], 0)
             need_norm = cfg["percentile_clipping"] < 100 or self.grad_clip_norm is not None
-            sq = clipping.grad_sq_norm(p.grad) if need_norm else None
+            if distributed.is_dtensor(p):
+                sq = dist_sq.get(id(p))
+            else:
+                sq = clipping.grad_sq_norm(guards.as_real(p.grad)) if need_norm else None
             ring, pscale = None, None
             if cfg["percentile_clipping"] < 100:
-                ring, pscale = clipping.percentile_scale(state["gnorm_vec"], sq, step, cfg["percentile_clipping"])
-            plans.append((gi, group, p, cfg, state, step, lr, sq, ring, pscale))
+                ring_now = state.get("gnorm_vec")
+                if ring_now is None:  # created with the state below
+                    ring_now = torch.zeros(clipping.GNORM_HISTORY, dtype=torch.float32, device=p.device)
+                ring, pscale = clipping.percentile_scale(ring_now, sq, step, cfg["percentile_clipping"])
+            plans.append((gi, group, p, cfg, step, lr, sq, ring, pscale))
 
         gscale = 1.0
         if self.grad_clip_norm is not None:
-            sqs = [plan[7] for plan in plans]
-            pscales = [plan[9] if plan[9] is not None else 1.0 for plan in plans]
+            sqs = [plan[6] for plan in plans]
+            pscales = [plan[8] if plan[8] is not None else 1.0 for plan in plans]
             gscale = clipping.global_norm_scale(sqs, pscales, self.grad_clip_norm)
 
-        by_device: dict[torch.device, list] = defaultdict(list)
-        for gi, group, p, cfg, state, step, lr, sq, ring, pscale in plans:
+        hypers = []
+        sr_index = self._sr_index() if self.stochastic_rounding else {}
+        for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
             beta1, beta2 = cfg["betas"]
             scale = gscale * (float(pscale) if pscale is not None else 1.0)
-            hp = StepHyper(
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=cfg["weight_decay"],
-                grad_scale=scale,
-                clip_value=cfg["grad_clip_value"],
-                skip_zeros=cfg["skip_zeros"],
+            hypers.append(
+                StepHyper(
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=cfg["weight_decay"],
+                    grad_scale=scale,
+                    clip_value=cfg["grad_clip_value"],
+                    skip_zeros=cfg["skip_zeros"],
+                    stochastic_rounding=self.stochastic_rounding and guards.as_real(p).dtype in rounding.LOW_PRECISION,
+                    # one seed per (optimizer, step, parameter): reproducible, and the same after a resume
+                    seed=rounding.derive_seed(self.sr_seed, step, sr_index[id(p)]) if sr_index else 0,
+                )
             )
-            m = self.momentum(state, p)
-            if self.is_paged and p.device.type == "cuda":
-                for t in (state["state1"],):
-                    if t.numel() >= paging.PAGED_MIN_NUMEL:
-                        paging.prefetch(t)
-            by_device[p.device].append((p, p.grad, m, hp))
+        backends = {p.device: None for _, _, p in work}
+        for device in backends:
+            backends[device] = kernels.resolve(self.backend, device)
 
-        for device, items in by_device.items():
-            backend = kernels.resolve(self.backend, device)
-            self.backends_used[str(device)] = backend.name
-            ps, gs, ms, hps = zip(*items)
-            backend.step_many(ps, gs, ms, hps)
+        # 3. Write. State creation or conversion puts new tensors into a parameter's state
+        # dict, so until the first kernel runs, restoring the dicts undoes everything. After
+        # that only an external failure (out of memory, a device error, an interrupt) can stop
+        # the step; it is then marked torn and refuses to continue or be saved silently.
+        saved_dicts = {p: (dict(self.state[p]) if p in self.state else None) for _, _, p in work}
+        kernels_started = False
+        try:
+            by_device: dict[torch.device, list] = defaultdict(list)
+            copies = []  # (parameter view, contiguous working copy) to write back
+            dist_shared = []  # FSDP2: 8-bit blocks cut by shard boundaries, finished below
+            for (gi, group, p, cfg, *_), hp in zip(plans, hypers):
+                state = self._prepare_state(p, cfg)
+                if distributed.is_dtensor(p):
+                    items, shared = distributed.kernel_items(state, p, hp)
+                    by_device[p.device].extend(items)
+                    dist_shared.append(shared)
+                    continue
+                m = self.momentum(state, p)
+                if self.is_paged and p.device.type == "cuda":
+                    for t in (state["state1"],):
+                        if t.numel() >= paging.PAGED_MIN_NUMEL:
+                            paging.prefetch(t)
+                # Kernels work on flat contiguous memory; a non-contiguous parameter (a
+                # transposed or sliced view, channels_last) is updated through a copy that is
+                # written back in place, so p.data is never replaced.
+                pk, gk = guards.as_real(p), guards.as_real(p.grad)
+                if not pk.is_contiguous():
+                    copies.append((pk, pk.contiguous()))
+                    pk = copies[-1][1]
+                if not gk.is_contiguous():
+                    gk = gk.contiguous()
+                by_device[p.device].append((pk, gk, m, hp))
 
-        for gi, group, p, cfg, state, step, lr, sq, ring, pscale in plans:
-            state["step"] = step
-            if ring is not None:
-                state["gnorm_vec"].copy_(ring)
-            if self._lr_schedules[gi] is not None:
-                group["lr"] = lr  # visible, and what a checkpoint records
+            kernels_started = True
+            for device, items in by_device.items():
+                backend = backends[device]
+                self.backends_used[str(device)] = backend.name
+                if not getattr(backend, "stochastic_rounding", False):
+                    # a backend without stochastic rounding updates an fp32 copy that is then
+                    # rounded stochastically (kernels/sr_adapter.py)
+                    sr_items = [it for it in items if it[3].stochastic_rounding]
+                    if sr_items:
+                        items = [it for it in items if not it[3].stochastic_rounding]
+                        sr_adapter.step_many(backend, *zip(*sr_items))
+                        self.backends_used[str(device)] = f"{backend.name} (+ fp32 copy and stochastic rounding)"
+                if not items:
+                    continue
+                ps, gs, ms, hps = zip(*items)
+                backend.step_many(ps, gs, ms, hps)
+            for view, work_copy in copies:
+                view.copy_(work_copy)
+            distributed.finish(dist_shared)
+
+            for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
+                state = self.state[p]
+                state["step"] = step
+                if ring is not None:
+                    state["gnorm_vec"].copy_(ring)
+                if self._lr_schedules[gi] is not None:
+                    group["lr"] = lr  # visible, and what a checkpoint records
+        except BaseException as e:
+            if not kernels_started:
+                for p, saved in saved_dicts.items():
+                    if saved is None:
+                        self.state.pop(p, None)
+                    else:
+                        self.state[p] = saved
+            else:
+                self.torn = f"{type(e).__name__}: {e}"
+                if hasattr(e, "add_note"):
+                    e.add_note(_torn_message(self.torn))
+            raise
         return loss
+
+    def _sr_index(self) -> dict[int, int]:
+        """id(p) -> the parameter's place in the optimizer (over all groups), for SR seeds."""
+        params = (p for group in self.param_groups for p in group["params"])
+        return {id(p): k for k, p in enumerate(params)}
+
+    def clear_torn(self) -> None:
+        """Accept the state left by a step that stopped part-way (see ``torn``) and allow
+        ``step()`` and ``state_dict()`` again. Loading a checkpoint clears it too."""
+        self.torn = None
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -278,6 +425,7 @@ class _LionBase(torch.optim.Optimizer):
             for p in group["params"]:
                 if p in self.state and "state1" in self.state[p]:
                     self._prepare_state(p, self._config(group, p))
+        self.torn = None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -290,4 +438,20 @@ class _LionBase(torch.optim.Optimizer):
             extra += f"\n    grad_clip_norm: {self.grad_clip_norm}"
         if self.is_paged:
             extra += "\n    is_paged: True"
+        if self.stochastic_rounding:
+            extra += f"\n    stochastic_rounding: True (sr_seed={self.sr_seed})"
         return text[:-1] + extra + "\n)"
+
+
+def _torn_message(reason: str) -> str:
+    return (
+        f"lionkit: an optimizer step stopped part-way ({reason}); some parameters and their state may have "
+        "been updated and others not. step() and state_dict() refuse until you load a checkpoint "
+        "(opt.load_state_dict) or accept the state with opt.clear_torn()."
+    )
+
+
+def _refuse_if_torn(optimizer: _LionBase) -> None:
+    """state_dict pre-hook: never save a torn state without the user's say-so."""
+    if getattr(optimizer, "torn", None) is not None:
+        raise RuntimeError(_torn_message(optimizer.torn))

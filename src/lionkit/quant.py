@@ -100,15 +100,18 @@ def nearest_code(normed: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
 
 def nearest_code_bruteforce(normed: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
     """Ground truth for ``nearest_code``: argmin over all 256 codes in float64, same rules."""
-    x = normed.detach().reshape(-1, 1).to(torch.float64)
+    flat = normed.detach().reshape(-1)
     q = qmap.detach().to(torch.float64).reshape(1, -1)
-    dist = (x - q).abs()
-    best = dist.min(dim=1, keepdim=True).values
-    # ties to the larger code: the last index attaining the minimum
-    idx = torch.arange(q.numel(), device=x.device).expand_as(dist)
-    codes = torch.where(dist == best, idx, -1).amax(dim=1)
+    idx = torch.arange(q.numel(), device=flat.device).reshape(1, -1)
+    parts = []
+    for s in range(0, flat.numel(), 1 << 15):  # bounded memory: 32K x 256 distances at a time
+        x = flat[s : s + (1 << 15)].to(torch.float64).reshape(-1, 1)
+        dist = (x - q).abs()
+        best = dist.min(dim=1, keepdim=True).values
+        # ties to the larger code: the last index attaining the minimum
+        parts.append(torch.where(dist == best, idx, -1).amax(dim=1))
+    codes = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=flat.device)
     zero = int((qmap == 0).nonzero()[0, 0])
-    flat = normed.reshape(-1)
     codes = torch.where((flat > 0) & (codes <= zero), zero + 1, codes)
     codes = torch.where((flat < 0) & (codes >= zero), zero - 1, codes)
     return codes.to(torch.uint8).reshape(normed.shape)
@@ -122,18 +125,25 @@ def num_blocks(numel: int, block_size: int | None) -> int:
 
 
 def block_absmax(x: torch.Tensor, block_size: int | None) -> torch.Tensor:
-    """max |x| over each block of the flattened tensor (fp32, one value per block)."""
+    """max |x| over each block of the flattened tensor (fp32, one value per block).
+
+    A block holding NaN or +-inf gets NaN: 8 bits cannot store it, and a NaN scale makes the whole
+    block decode to NaN rather than to made-up finite values or a flipped sign."""
     flat = x.reshape(-1)
     if block_size is None or flat.numel() == 0:
         out = flat.abs().amax().reshape(1) if flat.numel() else flat.new_zeros(1)
-        return out.to(torch.float32)
+        return _inf_to_nan(out.to(torch.float32))
     n_full = flat.numel() // block_size
     parts = []
     if n_full:
         parts.append(flat[: n_full * block_size].view(n_full, block_size).abs().amax(dim=1))
     if flat.numel() > n_full * block_size:
         parts.append(flat[n_full * block_size :].abs().amax().reshape(1))
-    return torch.cat(parts).to(torch.float32)
+    return _inf_to_nan(torch.cat(parts).to(torch.float32))
+
+
+def _inf_to_nan(absmax: torch.Tensor) -> torch.Tensor:
+    return absmax.masked_fill(absmax.isinf(), float("nan"))
 
 
 def _expand_scale(scale: torch.Tensor, numel: int, block_size: int | None) -> torch.Tensor:

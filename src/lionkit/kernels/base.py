@@ -24,10 +24,19 @@ class StepHyper:
     grad_scale: float = 1.0  # product of the percentile-clipping and global-norm scales
     clip_value: float | None = None  # elementwise clamp of the scaled gradient
     skip_zeros: bool = False  # leave elements whose gradient is exactly 0 untouched
+    # Round the fp32 result to a bf16/fp16 parameter stochastically (lionkit.rounding) instead
+    # of to nearest; the random numbers come from `seed` alone (one per tensor and step, drawn
+    # by the optimizer), so a step is reproducible. Backends without it must refuse the tensor.
+    stochastic_rounding: bool = False
+    seed: int = 0
 
 
 class Backend(Protocol):
-    """A Lion update implementation. ``step_many`` updates every (p, g, m) in place."""
+    """A Lion update implementation. ``step_many`` updates every (p, g, m) in place.
+
+    ``stochastic_rounding`` (class attribute, default False when absent) says whether the
+    backend honours ``StepHyper.stochastic_rounding``; the optimizer sends tensors that need it
+    to a backend that does."""
 
     name: str
 

@@ -44,6 +44,9 @@ SOURCE = Path(__file__).with_name("lion_cpu.cpp")
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MODE_32, _MODE_8_BLOCK, _MODE_8_TENSOR = 0, 1, 2
+# (parameter, gradient) dtypes the kernel is built for: the gradient in the parameter's dtype
+# or in fp32 (other pairs, rare, go to the eager backend: fewer instantiations, faster build)
+_PAIRS = {(d, d) for d in _DTYPE_CODE} | {(torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
 
 
 class BuildError(RuntimeError):
@@ -84,7 +87,7 @@ def _cpu_id() -> str:
 def _flags(scalar: bool) -> list[str]:
     arch = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64", "i686") else ["-mcpu=native"]
     # -ffp-contract=off: no FMA contraction, so results equal the eager reference bit for bit.
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", *arch]
+    flags = ["-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-math-errno", *arch]
     if scalar:
         flags.append("-DLK_FORCE_SCALAR")
     return flags
@@ -112,15 +115,25 @@ def _build(scalar: bool) -> Path:
     # OpenMP if the compiler has it; libgomp's soname matches the copy torch loads, so both
     # share one runtime and one thread pool.
     for extra in (["-fopenmp"], []):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cxx, *flags, *extra, str(SOURCE), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 0:
-            os.replace(tmp, out)  # atomic: concurrent builders write identical files
-            return out
-        os.unlink(tmp)
-        errors.append(f"$ {' '.join(cmd)}\n{proc.stderr.strip()}")
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            # four translation units (one per parameter dtype, and the entry points) compiled
+            # in parallel: the cold start is the slowest unit, not the sum
+            units = [(f"-DLK_ONLY_PART={k}", f"part{k}.o") for k in range(3)] + [("-DLK_ONLY_MAIN", "main.o")]
+            procs = []
+            for define, obj in units:
+                cmd = [cxx, *flags, *extra, define, "-c", str(SOURCE), "-o", os.path.join(tmp, obj)]
+                procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+            failed = [(cmd, p.communicate()[1]) for cmd, p in procs]
+            failed = [(cmd, err) for (cmd, err), (_, p) in zip(failed, procs) if p.returncode != 0]
+            if not failed:
+                so = os.path.join(tmp, "lion_cpu.so")
+                cmd = [cxx, "-shared", *extra, *[os.path.join(tmp, obj) for _, obj in units], "-o", so]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode == 0:
+                    os.replace(so, out)  # atomic: concurrent builders write identical files
+                    return out
+                failed = [(cmd, proc.stderr)]
+            errors += [f"$ {' '.join(cmd)}\n{err.strip()}" for cmd, err in failed]
     raise BuildError("building the CPU Lion kernel failed:\n" + "\n".join(errors))
 
 
@@ -140,6 +153,7 @@ def load(scalar: Optional[bool] = None):
                 lib.lk_step.argtypes = [i32, p, p, p, p, p, p, p, p, i32]
                 lib.lk_step.restype = i32
                 lib.lk_quantize.argtypes = [p, p, i64, p, i32]
+                lib.lk_all_finite.argtypes = [i32, p, p, p, p, i32]
                 lib.lk_quantize.restype = None
                 lib.lk_isa.restype = i32
             _libs[scalar] = lib
@@ -186,6 +200,29 @@ def _constants(qmap: torch.Tensor) -> Optional[np.ndarray]:
         _qc_cache.clear()
     _qc_cache[id(qmap)] = (weakref.ref(qmap), qmap._version, qc)
     return qc
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """For each CPU tensor (fp32/fp16/bf16, contiguous): True if it holds no NaN or inf.
+
+    One multithreaded, vectorised pass over all of them in one call, for the optimizer's
+    non-finite-gradient guard (what ``torch.aminmax`` per tensor does, without a parallel
+    region and a Python round trip per tensor). Raises ValueError for other tensors.
+    """
+    items = [t for t in tensors if t.numel()]
+    for t in items:
+        if t.device.type != "cpu" or t.dtype not in _DTYPE_CODE or not t.is_contiguous():
+            raise ValueError(f"all_finite takes contiguous fp32/fp16/bf16 CPU tensors, got {t.dtype} on {t.device}")
+    n = len(items)
+    out = np.ones(n, dtype=np.uint8)
+    if n:
+        arr = np.array([(t.data_ptr(), t.numel(), _DTYPE_CODE[t.dtype]) for t in items], dtype=np.int64)
+        ptr, numel = np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1])
+        dt = np.ascontiguousarray(arr[:, 2].astype(np.int32))
+        load().lk_all_finite(n, ptr.ctypes.data, numel.ctypes.data, dt.ctypes.data, out.ctypes.data,
+                             torch.get_num_threads())
+    it = iter(out.tolist())
+    return [bool(next(it)) if t.numel() else True for t in tensors]
 
 
 def _hyper_row(hp: StepHyper) -> tuple[float, ...]:
@@ -235,7 +272,7 @@ class CompiledBackend:
             p, g, m, hp = item
             ok = (
                 not (getattr(hp, "stochastic_rounding", False) and p.dtype != torch.float32)
-                and g.dtype in _DTYPE_CODE
+                and (p.dtype, g.dtype) in _PAIRS
                 and g.device.type == "cpu"
                 and g.is_contiguous()
                 and g.numel() == p.numel()
@@ -251,8 +288,8 @@ class CompiledBackend:
         fast = [it for it in fast if it[0].numel() > 0]
         if not fast:
             return
-        if qc is None:
-            qc = quant_fast.kernel_constants(quant._dynamic_map_cpu())
+        if qc is None:  # no 8-bit tensor: any valid constants do
+            qc = _constants(quant._dynamic_map_cpu())
         n = len(fast)
         ptr = np.empty((5, n), dtype=np.int64)
         info = np.empty((n, 4), dtype=np.int32)

@@ -33,7 +33,8 @@
 #define LK_AVX512 0
 #endif
 
-namespace {
+// Shared by the translation units of a parallel build (see compiled.py): plain types only.
+namespace lk {
 
 constexpr int64_t LK_BLOCK = 256;
 constexpr int64_t LK_CHUNK = 1 << 15;
@@ -56,6 +57,29 @@ struct Quant {  // the bucket table and the map
   explicit Quant(const uint32_t* qc)
       : qmap((const float*)(qc + QC_QMAP)), lut(qc + QC_LUT), key0(qc[QC_KEY0]), nb(qc[QC_NB]), zero(qc[QC_ZERO]) {}
 };
+
+struct Tensor {
+  void* p;
+  const void* g;
+  void* m;        // fp32 momentum or uint8 codes
+  float* absmax;  // 8-bit only
+  int64_t n;
+  int mode, pdt, gdt;
+  bool skip, gsc;
+  Hyper h;
+};
+
+// One chunk of one tensor, per parameter dtype (each in its own translation unit when built
+// in parallel). Gradients are of the parameter's dtype or fp32; other pairs go to the eager
+// backend (compiled.py checks). pass: see chunk_impl.
+float run_chunk_f32(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q);
+float run_chunk_f16(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q);
+float run_chunk_bf16(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q);
+
+}  // namespace lk
+
+namespace {
+using namespace lk;
 
 inline float bits_f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t f_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -510,17 +534,6 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
 #endif  // LK_AVX512
 
 // ---------------------------------------------------------------- one chunk of one tensor
-struct Tensor {
-  void* p;
-  const void* g;
-  void* m;        // fp32 momentum or uint8 codes
-  float* absmax;  // 8-bit only
-  int64_t n;
-  int mode, pdt, gdt;
-  bool skip, gsc;
-  Hyper h;
-};
-
 // pass 0: the update (8-bit per-tensor: returns the chunk's max |m_new|, codes untouched);
 // pass 1 (8-bit per-tensor only): recompute m_new from the old codes, quantize with `scale`.
 template <int PT, int GT, bool GSC, bool SKIP>
@@ -564,17 +577,32 @@ float chunk_flags(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale
 }
 
 float run_chunk(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
-#define LK_CASE(P, G) \
-  if (t.pdt == P && t.gdt == G) return chunk_flags<P, G>(t, n0, n1, pass, scale, q);
-  LK_CASE(F32, F32) LK_CASE(F32, F16) LK_CASE(F32, BF16)
-  LK_CASE(F16, F32) LK_CASE(F16, F16) LK_CASE(F16, BF16)
-  LK_CASE(BF16, F32) LK_CASE(BF16, F16) LK_CASE(BF16, BF16)
-#undef LK_CASE
-  return 0.0f;
+  if (t.pdt == F32) return run_chunk_f32(t, n0, n1, pass, scale, q);
+  if (t.pdt == F16) return run_chunk_f16(t, n0, n1, pass, scale, q);
+  return run_chunk_bf16(t, n0, n1, pass, scale, q);
 }
 
 }  // namespace
 
+// The per-dtype parts: all of them in a single-file build, one with -DLK_ONLY_PART=k.
+#if !defined(LK_ONLY_MAIN) && (!defined(LK_ONLY_PART) || LK_ONLY_PART == 0)
+float lk::run_chunk_f32(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
+  return chunk_flags<F32, F32>(t, n0, n1, pass, scale, q);
+}
+#endif
+#if !defined(LK_ONLY_MAIN) && (!defined(LK_ONLY_PART) || LK_ONLY_PART == 1)
+float lk::run_chunk_f16(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
+  return t.gdt == F32 ? chunk_flags<F16, F32>(t, n0, n1, pass, scale, q) : chunk_flags<F16, F16>(t, n0, n1, pass, scale, q);
+}
+#endif
+#if !defined(LK_ONLY_MAIN) && (!defined(LK_ONLY_PART) || LK_ONLY_PART == 2)
+float lk::run_chunk_bf16(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
+  return t.gdt == F32 ? chunk_flags<BF16, F32>(t, n0, n1, pass, scale, q)
+                      : chunk_flags<BF16, BF16>(t, n0, n1, pass, scale, q);
+}
+#endif
+
+#if !defined(LK_ONLY_PART)  // the entry points
 extern "C" {
 
 // The instruction set this build vectorises with: 512 (AVX-512) or 0 (portable scalar code).
@@ -613,7 +641,12 @@ int lk_step(int n, const int64_t* p, const int64_t* g, const int64_t* m, const i
   for (int i = 0; i < n; ++i)
     for (int64_t c = first[(size_t)i]; c < first[(size_t)i + 1]; ++c) owner[(size_t)c] = i;
   std::vector<float> part(any_per_tensor ? (size_t)nchunks : 0);
-  if (nthreads < 1) nthreads = 1;
+  // Small steps run on the calling thread: waking a thread team costs more than the work, and
+  // on a busy machine the barrier waits for a descheduled thread.
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += ts[(size_t)i].n;
+  if (total < 4 * LK_CHUNK || nthreads < 1) nthreads = 1;
+  if (nthreads > nchunks) nthreads = (int)(nchunks > 0 ? nchunks : 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t c = 0; c < nchunks; ++c) {
     int i = owner[(size_t)c];
@@ -647,6 +680,47 @@ int lk_step(int n, const int64_t* p, const int64_t* g, const int64_t* m, const i
   return 0;
 }
 
+// Which of n tensors (fp32/fp16/bf16, dtype codes as in lk_step) hold only finite values:
+// out[i] = 1 if tensor i is all finite, else 0. One multithreaded pass over all of them (for
+// the optimizer's non-finite-gradient guard): a value is not finite when its exponent bits
+// are all ones.
+int lk_all_finite(int n, const int64_t* ptr, const int64_t* numel, const int32_t* dtype, uint8_t* out,
+                  int nthreads) {
+  std::vector<int64_t> first((size_t)n + 1, 0);
+  for (int i = 0; i < n; ++i) {
+    out[i] = 1;
+    first[(size_t)i + 1] = first[(size_t)i] + (numel[i] + LK_CHUNK - 1) / LK_CHUNK;
+  }
+  const int64_t nchunks = first[(size_t)n];
+  std::vector<int32_t> owner((size_t)nchunks);
+  for (int i = 0; i < n; ++i)
+    for (int64_t c = first[(size_t)i]; c < first[(size_t)i + 1]; ++c) owner[(size_t)c] = i;
+  if (nchunks < 8 || nthreads < 1) nthreads = 1;  // small: on the calling thread
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int i = owner[(size_t)c];
+    const int64_t n0 = (c - first[(size_t)i]) * LK_CHUNK, n1 = n0 + LK_CHUNK < numel[i] ? n0 + LK_CHUNK : numel[i];
+    bool bad = false;
+    if (dtype[i] == F32) {
+      const uint32_t* x = (const uint32_t*)ptr[i];
+      uint32_t acc = 0;  // any element with all exponent bits set: (x & e) == e
+      for (int64_t k = n0; k < n1; ++k) acc |= (uint32_t)((x[k] & 0x7F800000u) == 0x7F800000u);
+      bad = acc != 0;
+    } else {
+      const uint16_t* x = (const uint16_t*)ptr[i];
+      const uint16_t e = dtype[i] == F16 ? 0x7C00 : 0x7F80;
+      uint32_t acc = 0;
+      for (int64_t k = n0; k < n1; ++k) acc |= (uint32_t)((x[k] & e) == e);
+      bad = acc != 0;
+    }
+    if (bad) {
+#pragma omp atomic write
+      out[i] = 0;
+    }
+  }
+  return 0;
+}
+
 // Codes of n values in [-1, 1] (or NaN) with the kernel's own quantizer, as the 8-bit step
 // computes them (scale 1); for the exhaustive check.
 int lk_quantize(const float* x, uint8_t* out, int64_t n, const uint32_t* qc, int nthreads) {
@@ -665,3 +739,4 @@ int lk_quantize(const float* x, uint8_t* out, int64_t n, const uint32_t* qc, int
 }
 
 }  // extern "C"
+#endif  // !LK_ONLY_PART

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .. import quant
+from .. import quant, rounding
 from ..qstate import QuantizedState
 from .base import Momentum, StepHyper
 
@@ -46,12 +46,22 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1)
 
 
+def _write_p(dst: torch.Tensor, p_new: torch.Tensor, hp: StepHyper, offset: int) -> None:
+    """The one write-back of p: to nearest, or stochastically (bf16/fp16 with
+    ``hp.stochastic_rounding``) with random numbers fixed by (hp.seed, chunk offset)."""
+    if hp.stochastic_rounding and dst.dtype in rounding.LOW_PRECISION:
+        gen = rounding.generator_for(rounding.derive_seed(hp.seed, offset), dst.device)
+        dst.copy_(rounding.stochastic_round(p_new, dst.dtype, gen))
+    else:
+        dst.copy_(p_new)
+
+
 def step_32bit(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, hp: StepHyper) -> None:
     pf, gf, mf = _flat(p), _flat(g), _flat(m)
     for s in range(0, pf.numel(), CHUNK):
         sl = slice(s, s + CHUNK)
         p_new, m_new = _update_chunk(pf[sl], gf[sl], mf[sl], hp)
-        pf[sl].copy_(p_new)  # the one write-back of p (rounded to p's dtype)
+        _write_p(pf[sl], p_new, hp, s)  # the one write-back of p (rounded to p's dtype)
         mf[sl].copy_(m_new)
 
 
@@ -72,7 +82,7 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, q: QuantizedState, hp: StepHyper
             sl = slice(s, s + CHUNK)
             m = q.qmap[codes[sl].long()] * scale_old
             p_new, m_new = _update_chunk(pf[sl], gf[sl], m, hp)
-            pf[sl].copy_(p_new)
+            _write_p(pf[sl], p_new, hp, s)
             amax = torch.maximum(amax, m_new.abs().amax())
         for s in range(0, n, CHUNK):
             sl = slice(s, s + CHUNK)
@@ -94,7 +104,7 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, q: QuantizedState, hp: StepHyper
         absmax = q.absmax[b0 : b0 + nb]
         m = quant.dequantize(codes[sl], absmax, q.qmap, bs)
         p_new, m_new = _update_chunk(pf[sl], gf[sl], m, hp)
-        pf[sl].copy_(p_new)
+        _write_p(pf[sl], p_new, hp, s)
         new_absmax = quant.block_absmax(m_new, bs)
         _quantize_into(m_new, codes[sl], quant._expand_scale(new_absmax, m_new.numel(), bs), q.qmap)
         absmax.copy_(new_absmax)
@@ -104,6 +114,7 @@ class TorchBackend:
     """Eager PyTorch, any device."""
 
     name = "torch"
+    stochastic_rounding = True  # honours StepHyper.stochastic_rounding
 
     def supports(self, p: torch.Tensor, m: Momentum) -> bool:
         return True

@@ -1,0 +1,60 @@
+"""Stochastic rounding for backends that do not implement it: run the backend on an fp32
+copy of the parameter, chunk by chunk, then round the fp32 result into the parameter with
+``lionkit.rounding``.
+
+The backend computes a bf16/fp16 parameter's step in fp32 anyway and rounds only at the store,
+so updating an fp32 copy gives exactly the fp32 result it would have rounded; the random numbers
+are drawn per (hp.seed, chunk offset) as in ``torch_eager``, so the parameters come out
+bit-identical to the eager backend's stochastic rounding whenever the backend's fp32 arithmetic
+is bit-identical to the eager one (the compiled CPU kernel's is). Temporaries: one fp32 chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from .. import quant, rounding
+from ..qstate import QuantizedState
+from .base import Backend, Momentum, StepHyper
+from .torch_eager import CHUNK, TorchBackend
+
+
+def _momentum_slice(m: Momentum, start: int, stop: int) -> Momentum:
+    """Elements [start, stop) of a flat fp32 or block-wise 8-bit momentum (views, no copies)."""
+    if isinstance(m, QuantizedState):
+        bs = m.block_size
+        b0 = start // bs
+        nb = quant.num_blocks(stop - start, bs)
+        return QuantizedState(m.codes.view(-1)[start:stop], m.absmax[b0 : b0 + nb], m.qmap, bs)
+    return m.view(-1)[start:stop]
+
+
+def step_many(
+    backend: Backend,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    moms: Sequence[Momentum],
+    hypers: Sequence[StepHyper],
+) -> None:
+    """Update every (p, g, m) whose ``hp.stochastic_rounding`` is set, with ``backend`` doing the
+    fp32 math; one-scale-per-tensor 8-bit momentum (not separable into chunks) goes to the eager
+    backend, which rounds stochastically itself."""
+    eager = []
+    for p, g, m, hp in zip(params, grads, moms, hypers):
+        if isinstance(m, QuantizedState) and m.block_size is None:
+            eager.append((p, g, m, hp))
+            continue
+        assert CHUNK % quant.BLOCK_SIZE == 0
+        plain = replace(hp, stochastic_rounding=False)
+        pf, gf = p.view(-1), g.view(-1)
+        for s in range(0, pf.numel(), CHUNK):
+            e = min(s + CHUNK, pf.numel())
+            work = pf[s:e].to(torch.float32)  # a copy: the backend updates it in place, in fp32
+            backend.step_many([work], [gf[s:e]], [_momentum_slice(m, s, e)], [plain])
+            gen = rounding.generator_for(rounding.derive_seed(hp.seed, s), p.device)
+            pf[s:e].copy_(rounding.stochastic_round(work, p.dtype, gen))
+    if eager:
+        TorchBackend().step_many(*zip(*eager))

@@ -1,0 +1,135 @@
+"""Stochastic rounding from fp32 to bf16/fp16, and the seeds that make it reproducible.
+
+Rounding to nearest loses every update smaller than half the spacing of the target format: a
+bf16 weight of 0.05 has neighbours 2**-12 (2.4e-4) apart, so a Lion step of ``lr = 1e-4`` is
+rounded away and the weight never moves. Stochastic rounding keeps such updates *on average*:
+``x`` lying a fraction ``f`` of the way from its lower neighbour ``lo`` to its upper neighbour
+``hi`` becomes ``hi`` with probability ``f`` and ``lo`` otherwise, so
+
+    E[round(x)] = lo + f * (hi - lo) = x        (unbiased)
+
+and pure-bf16 training (no fp32 master copy of the weights) follows fp32 training. See Gupta et
+al. 2015, "Deep learning with limited numerical precision", and Zamirai et al. 2020, "Revisiting
+BFloat16 training", for the evidence that this is what makes 16-bit-only weights train.
+
+Where the randomness comes from: every call takes a ``torch.Generator``; the optimizer derives
+one seed per (optimizer seed, step, parameter, chunk) with ``derive_seed``, so a run is
+reproducible from its seed alone and a resumed run draws the same numbers as an uninterrupted one.
+
+Example::
+
+    g = torch.Generator().manual_seed(0)
+    w16 = stochastic_round(w32, torch.bfloat16, generator=g)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""Parameter dtypes that stochastic rounding applies to (fp32 results are stored exactly)."""
+
+_MASK64 = (1 << 64) - 1
+SEED_LIMIT = 1 << 63
+"""Seeds are ints in ``[0, SEED_LIMIT)`` (what ``torch.Generator.manual_seed`` accepts signed-free)."""
+
+
+def stochastic_round(
+    x: torch.Tensor, dtype: torch.dtype, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """``x`` (fp32) rounded to ``dtype`` stochastically and without bias; a new tensor.
+
+    Each element becomes one of its two neighbours in ``dtype``, the farther one with
+    probability (distance to the nearer) / (gap between them); values ``dtype`` holds exactly,
+    NaN and +-inf are returned as rounding to nearest would, and values beyond the largest
+    finite ``dtype`` number may become +-inf. ``dtype`` float32 (or x already in ``dtype``) is
+    a plain conversion. Random numbers come from ``generator`` (torch's default generator when
+    None): one 16-bit integer per element for bf16, one fp32 uniform for fp16.
+
+    Args:
+        x: floating-point tensor (fp32 or fp64; computed in fp32).
+        dtype: ``torch.bfloat16`` or ``torch.float16`` (``torch.float32`` returns ``x`` as fp32).
+        generator: a ``torch.Generator`` on ``x``'s device.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"stochastic_round: x must be a floating-point tensor, got {_describe(x)}")
+    if dtype == torch.float32 or x.dtype == dtype:
+        return x.to(dtype)
+    if dtype not in LOW_PRECISION:
+        raise ValueError(f"stochastic_round: unsupported dtype {dtype} (must be torch.bfloat16 or torch.float16)")
+    x = x.to(torch.float32)
+    if dtype == torch.bfloat16:
+        return _round_bf16(x, generator)
+    near = x.to(dtype)  # rounding to nearest picks one neighbour ...
+    near32 = near.to(torch.float32)
+    # ... the other lies on the far side of x (a NaN goes "down" and stays NaN).
+    toward = torch.where(near32 < x, float("inf"), float("-inf")).to(dtype)
+    other = torch.nextafter(near, toward)
+    gap = (other.to(torch.float32) - near32).abs()
+    # fp16. Both subtractions are exact in fp32 (Sterbenz: the operands are within a factor of
+    # 2), so `frac` is the exact probability, a multiple of 2**-13 away from fp16 subnormals,
+    # which fp32 uniforms (multiples of 2**-24) resolve exactly.
+    frac = (x - near32).abs() / gap  # in [0, 0.5]; NaN for NaN/inf input -> keep `near`
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return torch.where(u < frac, other, near)
+
+
+def _round_bf16(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """fp32 -> bf16: a bf16 is an fp32 with the low 16 bits zero, and those bits of ``x`` are the
+    fraction of the gap to the next bf16 (in magnitude) in units of 2**-16. Adding a uniform
+    16-bit integer carries into the kept bits with exactly that probability; then truncate."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    bits = (x.view(torch.int32) + noise) & -65536  # int32 two's complement: -65536 == 0xFFFF0000
+    out = bits.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
+    # a NaN could carry into the infinity pattern; NaN and +-inf stay what they are
+    return torch.where(torch.isfinite(x), out, x.to(torch.bfloat16))
+
+
+def stochastic_round_into(
+    out: torch.Tensor, x: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Write ``x`` into ``out`` rounded stochastically to ``out``'s dtype (plain copy when
+    ``out`` is not bf16/fp16); returns ``out``."""
+    if out.dtype in LOW_PRECISION:
+        out.copy_(stochastic_round(x, out.dtype, generator))
+    else:
+        out.copy_(x)
+    return out
+
+
+def _splitmix64(z: int) -> int:
+    """One step of splitmix64 (Steele et al. 2014): a cheap 64-bit mixer."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A seed in ``[0, SEED_LIMIT)`` determined by ``seed`` and the ints ``parts`` (e.g. step,
+    parameter index, chunk offset); nearby inputs give unrelated seeds."""
+    z = _splitmix64(int(seed) & _MASK64)
+    for part in parts:
+        z = _splitmix64(z ^ (int(part) & _MASK64))
+    return z % SEED_LIMIT
+
+
+def generator_for(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh ``torch.Generator`` on ``device`` seeded with ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return gen
+
+
+def check_seed(name: str, seed: object) -> None:
+    """Raise ValueError unless ``seed`` is None or an int in ``[0, SEED_LIMIT)``."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"Invalid {name}: {seed!r} (must be an int in [0, 2**63), or None)")
+
+
+def _describe(x: object) -> str:
+    return f"tensor of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__

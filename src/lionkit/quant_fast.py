@@ -50,6 +50,7 @@ import argparse
 import functools
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -152,6 +153,22 @@ def kernel_constants(qmap: torch.Tensor) -> Optional[np.ndarray]:
     (float32 bits, at ``QMAP_AT``) and the table (at ``LUT_AT``); None if the map has no table."""
     key = _map_key(qmap)
     return None if key is None else _kernel_constants_for(key)
+
+
+_per_tensor: dict[int, tuple] = {}
+
+
+def kernel_constants_of(qmap: torch.Tensor) -> Optional[np.ndarray]:
+    """``kernel_constants(qmap)`` cached per map tensor (by identity and version counter), so
+    that kernels can ask every step at no cost (no copy, no device sync for a GPU map)."""
+    hit = _per_tensor.get(id(qmap))
+    if hit is not None and hit[0]() is qmap and hit[1] == qmap._version:
+        return hit[2]
+    qc = kernel_constants(qmap)
+    if len(_per_tensor) > 4096:
+        _per_tensor.clear()
+    _per_tensor[id(qmap)] = (weakref.ref(qmap), qmap._version, qc)
+    return qc
 
 
 def nearest_code_fast(normed: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:

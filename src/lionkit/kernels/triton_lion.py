@@ -77,7 +77,7 @@ _qc_tensors: dict[tuple[bytes, str], torch.Tensor] = {}
 
 def _qc_tensor(qmap: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
     """``quant_fast.kernel_constants`` as an int32 tensor on ``device`` (cached)."""
-    qc = quant_fast.kernel_constants(qmap)
+    qc = quant_fast.kernel_constants_of(qmap)
     if qc is None:
         return None
     key = (qc.tobytes(), str(device))
@@ -153,7 +153,9 @@ class TritonBackend:
                 and m.codes.numel() == p.numel()
                 and m.absmax.dtype == torch.float32
                 and m.absmax.device == p.device
-                and quant_fast.kernel_constants(m.qmap) is not None
+                and m.absmax.is_contiguous()
+                and m.absmax.numel() == quant.num_blocks(p.numel(), m.block_size)
+                and quant_fast.kernel_constants_of(m.qmap) is not None
             )
         return m.dtype == torch.float32 and m.is_contiguous() and m.device == p.device and m.numel() == p.numel()
 
@@ -181,9 +183,9 @@ class TritonBackend:
                 continue
             if isinstance(m, QuantizedState):
                 mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
-                qkey = quant_fast.kernel_constants(m.qmap).tobytes()
+                qkey = id(quant_fast.kernel_constants_of(m.qmap))  # one array per distinct map
             else:
-                mode, qkey = _MODE_32, b""
+                mode, qkey = _MODE_32, 0
             groups.setdefault((p.device, mode, p.dtype, g.dtype, qkey), []).append(item)
         if slow:
             self._fallback.step_many(*zip(*slow))

@@ -6,6 +6,8 @@ failures first on the next run.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -173,15 +175,31 @@ def test_nonfinite_state_poisons_exactly_its_block(x, where, bad, block_size):
     hits=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 299), st.sampled_from(["nan", "inf", "-inf"])),
                   max_size=4),
     seed=st.integers(0, 2**16),
+    transposed=st.booleans(),
+    path=st.sampled_from(["torch", "compiled"]),
 )
-def test_nonfinite_detection_matches_isfinite(sizes, dtype, hits, seed):
+def test_nonfinite_detection_matches_isfinite(sizes, dtype, hits, seed, transposed, path):
     gen = torch.Generator().manual_seed(seed)
-    grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * 1e3).to(dtype) for n in sizes]
+    # transposed: non-contiguous gradients, which take the torch path even when the kernel is there
+    shape = (lambda n: (2, n)) if transposed else (lambda n: (n,))
+    grads = [(torch.randn(shape(n), generator=gen, dtype=torch.float64) * 1e3).to(dtype) for n in sizes]
+    grads = [g.t() for g in grads] if transposed else grads
     for t, i, v in hits:
         if t < len(grads) and grads[t].numel():
-            grads[t].view(-1)[i % grads[t].numel()] = float(v)
+            g = grads[t]
+            g[(i % g.shape[0],) + ((i // g.shape[0]) % 2,) * (g.dim() - 1)] = float(v)
     expected = [k for k, g in enumerate(grads) if not torch.isfinite(guards.as_real(g)).all()]
-    assert guards.nonfinite_params(grads) == expected
+    # both implementations of the CPU check: aminmax per tensor, and the C++ kernel's
+    with mock.patch.object(guards, "_cpu_all_finite", _compiled_all_finite if path == "compiled" else lambda: None):
+        assert guards.nonfinite_params(grads) == expected
+
+
+def _compiled_all_finite():
+    try:
+        from lionkit.kernels import compiled
+    except ImportError:
+        return None
+    return compiled.all_finite if compiled.available() else None
 
 
 # ---------------------------------------------------------------------- the step

@@ -177,16 +177,24 @@ def test_propagate_lets_nan_through_like_torch_optim():
     assert opt.skipped_steps == 0
 
 
-def test_propagate_8bit_poisons_exactly_the_block():
-    # 8 bits cannot store NaN or inf: the block holding one decodes to NaN; others are untouched
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("block_wise", [True, False])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_propagate_8bit_poisons_exactly_the_block(backend, block_wise, bad):
+    # 8 bits cannot store NaN or inf: the block holding one (per-tensor: the tensor) decodes to
+    # NaN, never to a finite value or an infinity of the other sign; other blocks are untouched
     p = torch.nn.Parameter(torch.zeros(600))
-    opt = lionkit.Lion8bit([p], lr=0.1, min_8bit_size=0, nonfinite="propagate", backend="torch")
+    opt = lionkit.Lion8bit([p], lr=0.1, min_8bit_size=0, block_wise=block_wise, nonfinite="propagate",
+                           backend=backend)
     p.grad = torch.ones(600)
-    p.grad[300] = float("-inf")
+    p.grad[300] = bad
     opt.step()
     m = lionkit.Lion8bit.momentum(opt.state[p], p).dequantize()
-    assert torch.isnan(m[256:512]).all()
-    assert torch.isfinite(m[:256]).all() and torch.isfinite(m[512:]).all()
+    if block_wise:
+        assert torch.isnan(m[256:512]).all()
+        assert torch.isfinite(m[:256]).all() and torch.isfinite(m[512:]).all()
+    else:
+        assert torch.isnan(m).all()
 
 
 def test_nonfinite_check_ignores_params_without_grad_and_empty_ones():

@@ -7,8 +7,9 @@ writes anything, so bad input is reported with the parameter's name and nothing 
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -220,8 +221,18 @@ def nonfinite_params(grads: Sequence[torch.Tensor]) -> list[int]:
             r = as_real(g)
             by_device[r.device][r.dtype].append(i)
     bad: list[int] = []
-    for by_dtype in by_device.values():
+    for device, by_dtype in by_device.items():
         idx, flags = [], []
+        fast = _cpu_all_finite() if device.type == "cpu" else None
+        if fast is not None:
+            # the C++ kernel's multi-tensor check: one parallel pass, no Python per tensor
+            eligible = [i for ii in by_dtype.values() for i in ii if _fast_eligible(as_real(grads[i]))]
+            if eligible:
+                ok = fast([as_real(grads[i]) for i in eligible])
+                bad += [i for i, finite in zip(eligible, ok) if not finite]
+                taken = set(eligible)
+                by_dtype = {dt: [i for i in ii if i not in taken] for dt, ii in by_dtype.items()}
+                by_dtype = {dt: ii for dt, ii in by_dtype.items() if ii}
         for dtype_idx in by_dtype.values():
             tensors = [as_real(grads[i]) for i in dtype_idx]
             if tensors[0].device.type == "cpu":
@@ -233,10 +244,31 @@ def nonfinite_params(grads: Sequence[torch.Tensor]) -> list[int]:
                 # overflow); foreach needs one dtype per call
                 flags.append(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite())
             idx += dtype_idx
+        if not flags:
+            continue
         finite = torch.cat(flags)
         if not bool(finite.all()):  # the one sync of the check
             bad += [idx[j] for j in (~finite).nonzero().flatten().tolist()]
     return sorted(bad)
+
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fast_eligible(t: torch.Tensor) -> bool:
+    # plain dense tensors only: the kernel reads raw memory (no subclasses such as DTensor)
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype in _FAST_DTYPES and t.is_contiguous()
+
+
+def _cpu_all_finite() -> Optional[Callable[[Sequence[torch.Tensor]], list[bool]]]:
+    """``kernels.compiled.all_finite`` (about 2x faster than ``aminmax`` per tensor, measured
+    single-threaded) when the compiled CPU backend is in use in this process, else None.
+    Only then: the check must never trigger a C++ build for a user who chose another backend
+    (the module is imported only when that backend is constructed)."""
+    compiled = sys.modules.get("lionkit.kernels.compiled")
+    if compiled is None or not getattr(compiled, "available", lambda: False)():
+        return None
+    return getattr(compiled, "all_finite", None)
 
 
 def describe_nonfinite(g: torch.Tensor) -> str:

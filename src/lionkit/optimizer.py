@@ -378,6 +378,12 @@ class _LionBase(torch.optim.Optimizer):
 
             for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
                 state = self.state[p]
+                if self.nonfinite == "propagate" and "absmax1" in state and state["absmax1"].numel() == 1:
+                    # An inf in a per-tensor 8-bit momentum cannot be stored: whatever the kernel
+                    # did, the whole tensor decodes to NaN (as quant.block_absmax does per block),
+                    # never to a flipped sign. Only "propagate" lets a non-finite value in.
+                    absmax = state["absmax1"]
+                    absmax.masked_fill_(absmax.isinf(), float("nan"))
                 state["step"] = step
                 if ring is not None:
                     state["gnorm_vec"].copy_(ring)

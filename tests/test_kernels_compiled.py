@@ -124,6 +124,18 @@ def test_quantizer_near_thresholds_and_strided(backend):
     assert n > 2_000_000
 
 
+@pytest.mark.parametrize("scale", [1.0, 3.0, 7.1e-5, 1e30, 2.0**-120])
+def test_normalisation_and_quantizer_near_thresholds(backend, scale):
+    # what the step quantizes is m / absmax (an IEEE division): values whose quotient lands on
+    # or next to a threshold, for scales of every size
+    scalar = backend._scalar
+    t = quant_fast.near_thresholds(QMAP, ulps=4)
+    x = (t.to(torch.float64) * scale).to(torch.float32)
+    x = x.clamp(-scale, scale)
+    want = quant.nearest_code(x / torch.tensor(scale, dtype=torch.float32), QMAP)
+    assert torch.equal(compiled.quantize(x, QMAP, scalar=scalar, scale=scale), want)
+
+
 def test_step_allocates_nothing_in_proportion_to_the_tensor(native):
     # Python/numpy side of a step: a few arrays per tensor, whatever its size. (The C++ side
     # allocates one entry per 32K-element chunk and a 1 KiB stack buffer per thread.)

@@ -108,6 +108,8 @@ def step_bytes(opt, params) -> int:
         if "__bnb_optimizer_quant_state__" in state:
             state = {**state, **state["__bnb_optimizer_quant_state__"]}
         for key, value in state.items():
+            if key == "exp_avg_sq" and type(opt).__name__ == "DeepSpeedCPULion":
+                continue  # allocated by DeepSpeed's Lion but never read or written by its step
             if isinstance(value, torch.Tensor) and key not in _READ_ONLY_STATE and value.numel() > 1:
                 total += 2 * value.numel() * value.element_size()
             elif isinstance(value, torch.Tensor) and key not in _READ_ONLY_STATE:

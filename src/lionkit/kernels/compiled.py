@@ -83,12 +83,18 @@ def _cpu_id() -> str:
 
 
 def _flags(scalar: bool) -> list[str]:
-    arch = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64", "i686") else ["-mcpu=native"]
     # -ffp-contract=off: no FMA contraction, so results equal the eager reference bit for bit.
-    flags = ["-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-math-errno", *arch]
+    flags = ["-O3", "-std=c++17", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
     if scalar:
         flags.append("-DLK_FORCE_SCALAR")
     return flags
+
+
+def _attempts() -> list[list[str]]:
+    """Extra flags to try in turn: tuned for this CPU with OpenMP, without OpenMP (Apple's
+    clang has none), then plain (a compiler that rejects -march/-mcpu=native)."""
+    arch = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64", "i686") else ["-mcpu=native"]
+    return [["-fopenmp", *arch], arch, []]
 
 
 _lock = threading.Lock()
@@ -104,7 +110,7 @@ def _build(scalar: bool) -> Path:
     version = f"{real}:{st.st_size}:{st.st_mtime_ns}"
     flags = _flags(scalar)
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), _cpu_id()]).encode()
+        "\0".join([SOURCE.read_text(), cxx, version, " ".join(flags), repr(_attempts()), _cpu_id()]).encode()
     ).hexdigest()[:20]
     out = cache_dir() / f"lion_cpu_{'scalar_' if scalar else ''}{key}.so"
     if out.exists():
@@ -113,7 +119,7 @@ def _build(scalar: bool) -> Path:
     errors = []
     # OpenMP if the compiler has it; libgomp's soname matches the copy torch loads, so both
     # share one runtime and one thread pool.
-    for extra in (["-fopenmp"], []):
+    for extra in _attempts():
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             # four translation units (one per parameter dtype, and the entry points) compiled
             # in parallel: the cold start is the slowest unit, not the sum
@@ -151,7 +157,7 @@ def load(scalar: Optional[bool] = None):
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 lib.lk_step.argtypes = [i32, p, p, p, p, p, p, p, p, i32]
                 lib.lk_step.restype = i32
-                lib.lk_quantize.argtypes = [p, p, i64, p, i32]
+                lib.lk_quantize.argtypes = [p, p, i64, ctypes.c_float, p, i32]
                 lib.lk_all_finite.argtypes = [i32, p, p, p, p, i32]
                 lib.lk_quantize.restype = None
                 lib.lk_isa.restype = i32
@@ -175,14 +181,17 @@ def isa_name(scalar: Optional[bool] = None) -> str:
     return "avx512" if load(scalar).lk_isa() == 512 else "scalar"
 
 
-def quantize(x: torch.Tensor, qmap: torch.Tensor, scalar: Optional[bool] = None) -> torch.Tensor:
-    """The kernel's own nearest-code quantizer on fp32 values in [-1, 1] (for verification)."""
+def quantize(x: torch.Tensor, qmap: torch.Tensor, scalar: Optional[bool] = None, scale: float = 1.0) -> torch.Tensor:
+    """Codes of ``x / scale`` by the kernel's own quantizer, normalisation included, as the
+    8-bit step computes them (``|x| <= scale``; for verification)."""
     qc = quant_fast.kernel_constants(qmap)
     if qc is None:
         raise ValueError("qmap has no bucket table (see quant_fast.bucket_table)")
     x = x.detach().to(torch.float32).contiguous()
     out = torch.empty(x.shape, dtype=torch.uint8)
-    load(scalar).lk_quantize(x.data_ptr(), out.data_ptr(), x.numel(), qc.ctypes.data, torch.get_num_threads())
+    if x.numel() and not bool(x.abs().max() <= scale):
+        raise ValueError(f"quantize needs |x| <= scale={scale}")
+    load(scalar).lk_quantize(x.data_ptr(), out.data_ptr(), x.numel(), scale, qc.ctypes.data, torch.get_num_threads())
     return out
 
 

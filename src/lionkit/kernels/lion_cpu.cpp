@@ -721,9 +721,9 @@ int lk_all_finite(int n, const int64_t* ptr, const int64_t* numel, const int32_t
   return 0;
 }
 
-// Codes of n values in [-1, 1] (or NaN) with the kernel's own quantizer, as the 8-bit step
-// computes them (scale 1); for the exhaustive check.
-int lk_quantize(const float* x, uint8_t* out, int64_t n, const uint32_t* qc, int nthreads) {
+// Codes of x[i] / scale (|x[i]| <= scale) with the kernel's own quantizer, normalisation
+// included, as the 8-bit step computes them; for the exhaustive check (scale 1).
+int lk_quantize(const float* x, uint8_t* out, int64_t n, float scale, const uint32_t* qc, int nthreads) {
   if (qc[0] != QC_MAGIC) return -1;
   const Quant q(qc);
   if (nthreads < 1) nthreads = 1;
@@ -732,7 +732,7 @@ int lk_quantize(const float* x, uint8_t* out, int64_t n, const uint32_t* qc, int
     int64_t n0 = c * LK_CHUNK, n1 = n0 + LK_CHUNK < n ? n0 + LK_CHUNK : n;
     for (int64_t b0 = n0; b0 < n1; b0 += LK_BLOCK) {
       int64_t b1 = b0 + LK_BLOCK < n1 ? b0 + LK_BLOCK : n1;
-      LK_QUANT(x + b0, b1 - b0, 1.0f, out + b0, q);
+      LK_QUANT(x + b0, b1 - b0, scale, out + b0, q);
     }
   }
   return 0;

@@ -1,12 +1,14 @@
-"""Stochastic rounding for backends that do not implement it: run the backend on an fp32
-copy of the parameter, chunk by chunk, then round the fp32 result into the parameter with
-``lionkit.rounding``.
+"""Stochastic rounding for backends that do not implement it: run the backend on fp32 copies
+of the parameters, a bounded number of elements at a time, then round the fp32 results into the
+parameters with ``lionkit.rounding``.
 
 The backend computes a bf16/fp16 parameter's step in fp32 anyway and rounds only at the store,
 so updating an fp32 copy gives exactly the fp32 result it would have rounded; the random numbers
 are drawn per (hp.seed, chunk offset) as in ``torch_eager``, so the parameters come out
 bit-identical to the eager backend's stochastic rounding whenever the backend's fp32 arithmetic
-is bit-identical to the eager one (the compiled CPU kernel's is). Temporaries: one fp32 chunk.
+is bit-identical to the eager one (the compiled CPU kernel's is). Pieces of several tensors go to
+the backend in one call (its per-call cost is paid once per ~CHUNK elements, not per tensor);
+temporaries: fp32 copies of at most ~2 x CHUNK parameter and gradient elements.
 """
 
 from __future__ import annotations
@@ -42,19 +44,36 @@ def step_many(
     """Update every (p, g, m) whose ``hp.stochastic_rounding`` is set, with ``backend`` doing the
     fp32 math; one-scale-per-tensor 8-bit momentum (not separable into chunks) goes to the eager
     backend, which rounds stochastically itself."""
+    assert CHUNK % quant.BLOCK_SIZE == 0  # chunks start on block boundaries
     eager = []
+    batch: list[tuple] = []  # (destination view, fp32 copy, fp32 grad, momentum slice, hp, seed)
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        if not batch:
+            return
+        _, works, gs, ms, hps, _ = zip(*batch)
+        backend.step_many(list(works), list(gs), list(ms), list(hps))
+        for dst, work, _, _, _, seed in batch:
+            dst.copy_(rounding.stochastic_round(work, dst.dtype, rounding.generator_for(seed, dst.device)))
+        batch, size = [], 0
+
     for p, g, m, hp in zip(params, grads, moms, hypers):
         if isinstance(m, QuantizedState) and m.block_size is None:
             eager.append((p, g, m, hp))
             continue
-        assert CHUNK % quant.BLOCK_SIZE == 0
         plain = replace(hp, stochastic_rounding=False)
         pf, gf = p.view(-1), g.view(-1)
         for s in range(0, pf.numel(), CHUNK):
             e = min(s + CHUNK, pf.numel())
-            work = pf[s:e].to(torch.float32)  # a copy: the backend updates it in place, in fp32
-            backend.step_many([work], [gf[s:e]], [_momentum_slice(m, s, e)], [plain])
-            gen = rounding.generator_for(rounding.derive_seed(hp.seed, s), p.device)
-            pf[s:e].copy_(rounding.stochastic_round(work, p.dtype, gen))
+            # fp32 copies (exact) that the backend updates in place; backends pair fp32 weights
+            # with fp32 gradients
+            batch.append((pf[s:e], pf[s:e].to(torch.float32), gf[s:e].to(torch.float32),
+                          _momentum_slice(m, s, e), plain, rounding.derive_seed(hp.seed, s)))
+            size += e - s
+            if size >= CHUNK:
+                flush()
+    flush()
     if eager:
         TorchBackend().step_many(*zip(*eager))

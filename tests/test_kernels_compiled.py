@@ -7,6 +7,7 @@ Both builds are covered: the AVX-512 one (where the CPU has it) and the portable
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 
 import pytest
@@ -136,6 +137,29 @@ def test_normalisation_and_quantizer_near_thresholds(backend, scale):
     assert torch.equal(compiled.quantize(x, QMAP, scalar=scalar, scale=scale), want)
 
 
+@pytest.mark.parametrize("scale", [0.3, 1.7e-9, 2.0**-40, 2.0**-40 * 0.99, 3e9, 2.0**40, 2.0**40 * 1.01, 3e20])
+def test_normalisation_of_every_magnitude(backend, scale):
+    # the normalisation before the quantizer is an IEEE division in every build: random values
+    # and quotients of every size down to subnormal and zero, for scales small and large
+    scalar = backend._scalar
+    gen = torch.Generator().manual_seed(int(abs(math.log2(scale)) * 1000))
+    n = 1 << 16
+    mant = 1 + torch.rand(n, generator=gen, dtype=torch.float64)
+    expo = -torch.randint(0, 170, (n,), generator=gen).to(torch.float64)
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
+    x = (sign * mant * torch.exp2(expo) * scale / 2).to(torch.float32)
+    x[:64] = 0.0
+    x[64:128] = -0.0
+    x[128:192] = torch.tensor(scale, dtype=torch.float32)
+    x[192:256] = torch.finfo(torch.float32).smallest_normal * torch.rand(64, generator=gen)  # subnormals
+    # quotients next to 2^-150, where the division's result turns from 0 to the smallest subnormal
+    k = torch.arange(-128, 128, dtype=torch.float64)
+    x[256:512] = (scale * 2.0**-150 * (1 + k * 2.0**-21)).to(torch.float32)
+    x = x.clamp(-scale, scale)
+    want = quant.nearest_code(x / torch.tensor(scale, dtype=torch.float32), QMAP)
+    assert torch.equal(compiled.quantize(x, QMAP, scalar=scalar, scale=scale), want)
+
+
 def test_step_allocates_nothing_in_proportion_to_the_tensor(native):
     # Python/numpy side of a step: a few arrays per tensor, whatever its size. (The C++ side
     # allocates one entry per 32K-element chunk and a 1 KiB stack buffer per thread.)
@@ -238,3 +262,16 @@ def test_all_finite_matches_torch():
     assert compiled.all_finite(tensors) == want
     with pytest.raises(ValueError, match="contiguous"):
         compiled.all_finite([torch.zeros(4, 4).t()])
+
+
+def test_normalisation_at_the_underflow_tie(backend):
+    # x = scale * 2^-150 exactly: x / scale is the tie between 0 (zero code) and the smallest
+    # subnormal (smallest code of its sign); a reciprocal multiply (x * (1 / scale)) gets it
+    # wrong for some of these scales, so this pins the kernel to a true division
+    scalar = backend._scalar
+    gen = torch.Generator().manual_seed(5)
+    for scale in (2.0 ** (24 + 16 * torch.rand(300, generator=gen, dtype=torch.float64))).to(torch.float32).tolist():
+        x = (torch.tensor([scale], dtype=torch.float64) * 2.0**-150 * torch.tensor([1.0, -1.0, 1 + 2**-23, 1 - 2**-24])).to(torch.float32)
+        x = torch.cat([x, torch.tensor([scale], dtype=torch.float32)])
+        want = quant.nearest_code(x / torch.tensor(scale, dtype=torch.float32), QMAP)
+        assert torch.equal(compiled.quantize(x, QMAP, scalar=scalar, scale=scale), want), scale

@@ -264,49 +264,59 @@ class CompiledBackend:
         moms: Sequence[Momentum],
         hypers: Sequence[StepHyper],
     ) -> None:
-        fast, slow = [], []
+        # Per tensor this costs a few attribute reads (a step of a model with hundreds of small
+        # tensors would otherwise spend more time here than in the kernel): the kernel's tables
+        # are built from Python lists in one numpy call each at the end.
+        slow = []
+        ptrs: list[int] = []  # (p, g, codes or momentum, absmax or 0, numel) per tensor
+        infos: list[int] = []  # (mode, p dtype, g dtype, flags) per tensor
+        hrows: list[tuple[float, ...]] = []
+        rows: dict[int, tuple[float, ...]] = {}  # by id(hp): the optimizer shares equal ones
         qc = None
         for item in zip(params, grads, moms, hypers):
             p, g, m, hp = item
+            pd, gd = p.dtype, g.dtype
             ok = (
-                not (getattr(hp, "stochastic_rounding", False) and p.dtype != torch.float32)
-                and (p.dtype, g.dtype) in _PAIRS
+                (pd, gd) in _PAIRS
+                and not (hp.stochastic_rounding and pd != torch.float32)
                 and g.device.type == "cpu"
                 and g.is_contiguous()
                 and g.numel() == p.numel()
                 and self.supports(p, m)
             )
-            if ok and isinstance(m, QuantizedState):
+            quantized = isinstance(m, QuantizedState)
+            if ok and quantized:
                 qc_m = _constants(m.qmap)
                 ok = qc is None or qc_m is qc  # one map per call (there is only one dynamic map)
                 qc = qc_m if ok else qc
-            (fast if ok else slow).append(item)
+            if not ok:
+                slow.append(item)
+                continue
+            n = p.numel()
+            if n == 0:
+                continue
+            if quantized:
+                mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
+                ptrs += (p.data_ptr(), g.data_ptr(), m.codes.data_ptr(), m.absmax.data_ptr(), n)
+            else:
+                mode = _MODE_32
+                ptrs += (p.data_ptr(), g.data_ptr(), m.data_ptr(), 0, n)
+            gsc = hp.grad_scale != 1.0 or hp.clip_value is not None
+            infos += (mode, _DTYPE_CODE[pd], _DTYPE_CODE[gd], int(hp.skip_zeros) | 2 * int(gsc))
+            row = rows.get(id(hp))
+            if row is None:
+                row = rows[id(hp)] = _hyper_row(hp)
+            hrows.append(row)
         if slow:
             self._fallback.step_many(*zip(*slow))
-        fast = [it for it in fast if it[0].numel() > 0]
-        if not fast:
+        if not hrows:
             return
         if qc is None:  # no 8-bit tensor: any valid constants do
             qc = _constants(quant._dynamic_map_cpu())
-        n = len(fast)
-        ptr = np.empty((5, n), dtype=np.int64)
-        info = np.empty((n, 4), dtype=np.int32)
-        rows: dict[StepHyper, tuple[float, ...]] = {}
-        hyper = np.empty((n, 8), dtype=np.float32)
-        for i, (p, g, m, hp) in enumerate(fast):
-            if isinstance(m, QuantizedState):
-                mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
-                ptr[2, i], ptr[3, i] = m.codes.data_ptr(), m.absmax.data_ptr()
-            else:
-                mode = _MODE_32
-                ptr[2, i], ptr[3, i] = m.data_ptr(), 0
-            ptr[0, i], ptr[1, i], ptr[4, i] = p.data_ptr(), g.data_ptr(), p.numel()
-            gsc = hp.grad_scale != 1.0 or hp.clip_value is not None
-            info[i] = (mode, _DTYPE_CODE[p.dtype], _DTYPE_CODE[g.dtype], int(hp.skip_zeros) | 2 * int(gsc))
-            row = rows.get(hp)
-            if row is None:
-                row = rows[hp] = _hyper_row(hp)
-            hyper[i] = row  # numpy rounds each double to fp32 (nearest even), as torch does
+        n = len(hrows)
+        ptr = np.array(ptrs, dtype=np.int64).reshape(n, 5).T.copy()  # one row per pointer kind
+        info = np.array(infos, dtype=np.int32)
+        hyper = np.array(hrows, dtype=np.float32)  # each double rounded to fp32 (nearest even), as torch does
         rc = self._lib.lk_step(
             n,
             ptr[0].ctypes.data,

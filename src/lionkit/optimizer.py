@@ -167,7 +167,8 @@ class _LionBase(torch.optim.Optimizer):
         (an override after the first step, or a checkpoint of the other bit width)."""
         state = self.state[p]
         eight, block_size = self._wanted_format(cfg, p)
-        if distributed.is_dtensor(p):  # an FSDP2 shard: local state, global blocks and sizes
+        dtensor = distributed._dtensor_type()
+        if dtensor is not None and isinstance(p, dtensor):  # an FSDP2 shard: local state, global blocks and sizes
             return distributed.prepare_state(self, p, cfg, eight, block_size)
         paged = self.is_paged
         like = guards.as_real(p)  # the state of a complex parameter is that of its real view
@@ -211,6 +212,7 @@ class _LionBase(torch.optim.Optimizer):
         """Every (group index, group, parameter) with a gradient, after checking parameters,
         gradients, existing state and group settings; raises naming the first problem."""
         work = []
+        dtensor = distributed._dtensor_type()  # None until torch.distributed.tensor is imported
         for gi, group in enumerate(self.param_groups):
             for key in config.GROUP_KEYS:
                 # settings may have been changed by hand or by a scheduler since the last step
@@ -224,7 +226,7 @@ class _LionBase(torch.optim.Optimizer):
                     continue
                 guards.check_param(p, gi, i)
                 guards.check_grad(p, p.grad, gi, i)
-                if distributed.is_dtensor(p):
+                if dtensor is not None and isinstance(p, dtensor):
                     distributed.check_grad(p, p.grad, guards.where(gi, i, p))
                     if p in self.state:
                         distributed.check_state(self.state[p], p, guards.where(gi, i, p))
@@ -274,6 +276,7 @@ class _LionBase(torch.optim.Optimizer):
         # 2. Everything the update needs, computed from the inputs without writing.
         plans = []
         dist_sq = distributed.sharded_sq_norms(self, work)  # whole-tensor norms of FSDP2 shards
+        dtensor = distributed._dtensor_type()
         for gi, group, p in work:
             cfg = self._config(group, p)
             state = self.state.get(p, {})
@@ -282,7 +285,7 @@ class _LionBase(torch.optim.Optimizer):
             # update k uses schedule(k - 1), as in MLX
             lr = self._lr_value(schedule, step - 1) if schedule is not None else self._lr_value(cfg["lr"], 0)
             need_norm = cfg["percentile_clipping"] < 100 or self.grad_clip_norm is not None
-            if distributed.is_dtensor(p):
+            if dtensor is not None and isinstance(p, dtensor):
                 sq = dist_sq.get(id(p))
             else:
                 sq = clipping.grad_sq_norm(guards.as_real(p.grad)) if need_norm else None
@@ -301,24 +304,27 @@ class _LionBase(torch.optim.Optimizer):
             gscale = clipping.global_norm_scale(sqs, pscales, self.grad_clip_norm)
 
         hypers = []
+        shared: dict[tuple, StepHyper] = {}  # parameters with equal settings share one object
         sr_index = self._sr_index() if self.stochastic_rounding else {}
         for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
             beta1, beta2 = cfg["betas"]
             scale = gscale * (float(pscale) if pscale is not None else 1.0)
-            hypers.append(
-                StepHyper(
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=cfg["weight_decay"],
-                    grad_scale=scale,
-                    clip_value=cfg["grad_clip_value"],
-                    skip_zeros=cfg["skip_zeros"],
-                    stochastic_rounding=self.stochastic_rounding and guards.as_real(p).dtype in rounding.LOW_PRECISION,
-                    # one seed per (optimizer, step, parameter): reproducible, and the same after a resume
-                    seed=rounding.derive_seed(self.sr_seed, step, sr_index[id(p)]) if sr_index else 0,
-                )
+            values = (
+                lr,
+                beta1,
+                beta2,
+                cfg["weight_decay"],
+                scale,
+                cfg["grad_clip_value"],
+                cfg["skip_zeros"],
+                self.stochastic_rounding and guards.as_real(p).dtype in rounding.LOW_PRECISION,
+                # one seed per (optimizer, step, parameter): reproducible, and the same after a resume
+                rounding.derive_seed(self.sr_seed, step, sr_index[id(p)]) if sr_index else 0,
             )
+            hp = shared.get(values)
+            if hp is None:
+                hp = shared[values] = StepHyper(*values)
+            hypers.append(hp)
         backends = {p.device: None for _, _, p in work}
         for device in backends:
             backends[device] = kernels.resolve(self.backend, device)
@@ -335,7 +341,7 @@ class _LionBase(torch.optim.Optimizer):
             dist_shared = []  # FSDP2: 8-bit blocks cut by shard boundaries, finished below
             for (gi, group, p, cfg, *_), hp in zip(plans, hypers):
                 state = self._prepare_state(p, cfg)
-                if distributed.is_dtensor(p):
+                if dtensor is not None and isinstance(p, dtensor):
                     items, shared = distributed.kernel_items(state, p, hp)
                     by_device[p.device].extend(items)
                     dist_shared.append(shared)

@@ -99,8 +99,11 @@ def _block_scale(x: torch.Tensor, block: int) -> torch.Tensor:
     return absmax.repeat_interleave(block)[:n], absmax
 
 
-def quantize(x: torch.Tensor, qmap: torch.Tensor, block: int, stochastic: bool, gen: Optional[torch.Generator]):
-    """(dequantized value, codes) of flat fp32 ``x`` with block-wise absmax scaling."""
+def quantize(x: torch.Tensor, qmap: torch.Tensor, block: int, stochastic: bool, gen: Optional[torch.Generator],
+             keep_sign: bool = True):
+    """(dequantized value, codes) of flat fp32 ``x`` with block-wise absmax scaling. ``keep_sign``
+    (nearest rounding): a nonzero value never rounds to 0, as lionkit's 8-bit momentum; off for
+    residuals, where it would turn every small residual into a full level."""
     scale, _ = _block_scale(x, block)
     normed = torch.where(scale > 0, x / scale, torch.zeros_like(x))
     if stochastic:
@@ -111,15 +114,17 @@ def quantize(x: torch.Tensor, qmap: torch.Tensor, block: int, stochastic: bool, 
         u = torch.rand(normed.shape, generator=gen)
         codes = torch.where(u < p_up, hi_idx, hi_idx - 1)
     else:
-        codes = quant.nearest_code(normed, qmap).long() if len(qmap) == 256 else _nearest(normed, qmap)
+        codes = quant.nearest_code(normed, qmap).long() if len(qmap) == 256 else _nearest(normed, qmap, keep_sign)
     return qmap[codes] * scale, codes
 
 
-def _nearest(normed: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """Nearest level, ties up; a nonzero value keeps its sign (the smallest level of its sign),
-    as lionkit's 8-bit quantizer does."""
+def _nearest(normed: torch.Tensor, qmap: torch.Tensor, keep_sign: bool = True) -> torch.Tensor:
+    """Nearest level, ties up; with ``keep_sign`` a nonzero value keeps its sign (the smallest
+    level of its sign), as lionkit's 8-bit quantizer does."""
     mid = (qmap[1:] + qmap[:-1]) / 2
     codes = torch.bucketize(normed, mid, right=True)
+    if not keep_sign:
+        return codes
     zero = int((qmap == 0).nonzero()[0, 0])
     codes = torch.where((normed > 0) & (codes <= zero), zero + 1, codes)
     codes = torch.where((normed < 0) & (codes >= zero), zero - 1, codes)
@@ -168,6 +173,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("q4-dyn-b32-sr", 4, "dynamic", 32, stochastic=True),
         Variant("q4-lin-b32-sr", 4, "linear", 32, stochastic=True),
         Variant("q4-fit-b32-sr", 4, "fitted", 32, stochastic=True),
+        Variant("q4-dyn-b256-ef2", 4, "dynamic", 256, ef_bits=2, note="error feedback in 2 bits"),
         Variant("q4-dyn-b32-ef2", 4, "dynamic", 32, ef_bits=2, note="error feedback in 2 bits"),
         Variant("q4-dyn-b32-ef4", 4, "dynamic", 32, ef_bits=4, note="error feedback in 4 bits"),
         Variant("q4-dyn-b32-sr-b2=0.9", 4, "dynamic", 32, stochastic=True, beta2=0.9, note="beta2 0.9"),
@@ -200,7 +206,7 @@ class SimLion(torch.optim.Optimizer):
         deq, _ = quantize(target, self.qmap, v.block, v.stochastic, self.gen)
         if v.ef_bits:
             resid_map = linear_map(v.ef_bits) if v.ef_bits > 1 else torch.tensor([-1.0, 0.0, 1.0])
-            st["residual"], _ = quantize(target - deq, resid_map, v.block, False, None)
+            st["residual"], _ = quantize(target - deq, resid_map, v.block, False, None, keep_sign=False)
         return deq
 
     @torch.no_grad()

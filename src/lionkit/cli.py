@@ -25,7 +25,7 @@ from . import __version__
 # over untouched (so `lionkit bench --help` shows bench's help, not ours).
 DELEGATED = {
     "bench": "speed and memory of the optimizers' steps (lionkit.bench)",
-    "compare": "lionkit against bitsandbytes, lion-pytorch and other peers (lionkit.compare)",
+    "compare": "convergence study: AdamW, Lion, Lion8bit, bf16 + stochastic rounding on small real tasks (lionkit.compare)",
 }
 
 

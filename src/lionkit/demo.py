@@ -129,21 +129,10 @@ def _require_demo_deps() -> tuple[Any, Any, Any]:
 def load_data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits as (x_train, y_train, x_val, y_val): pixels scaled to [0, 1], a stratified split
     fixed by ``seed``."""
-    _, load_digits, _ = _require_demo_deps()
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    train_idx, val_idx = [], []
-    # stratified: the same fraction of every class goes to validation
-    for c in range(10):
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_val = round(len(idx) * VAL_FRACTION)
-        val_idx.append(idx[:n_val])
-        train_idx.append(idx[n_val:])
-    tr, va = torch.cat(train_idx), torch.cat(val_idx)
-    return x[tr], y[tr], x[va], y[va]
+    _require_demo_deps()
+    from .tasks import digits_split
+
+    return digits_split(torch.Generator().manual_seed(seed), VAL_FRACTION)  # type: ignore[return-value]
 
 
 def make_model(seed: int) -> torch.nn.Module:

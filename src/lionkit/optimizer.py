@@ -181,8 +181,11 @@ class _LionBase(torch.optim.Optimizer):
         else:
             # Conversions put new tensors into `state` and never modify the old ones, so a step
             # that fails later can restore the state by restoring the dict (see `step`).
-            current = self.momentum(state, p)
-            is8 = isinstance(current, QuantizedState)
+            is8 = state["state1"].dtype == torch.uint8
+            if not is8 and not eight:  # fp32 momentum, and fp32 wanted: nothing to do
+                current = None
+            else:
+                current = self.momentum(state, p)
             if is8 and not eight:
                 m = current.dequantize()
                 state["state1"] = paging.state_zeros(like, torch.float32, paged)
@@ -226,12 +229,13 @@ class _LionBase(torch.optim.Optimizer):
                     continue
                 guards.check_param(p, gi, i)
                 guards.check_grad(p, p.grad, gi, i)
+                state = self.state.get(p)
                 if dtensor is not None and isinstance(p, dtensor):
                     distributed.check_grad(p, p.grad, guards.where(gi, i, p))
-                    if p in self.state:
-                        distributed.check_state(self.state[p], p, guards.where(gi, i, p))
-                elif p in self.state:
-                    guards.check_state(self.state[p], p, gi, i)
+                    if state is not None:
+                        distributed.check_state(state, p, guards.where(gi, i, p))
+                elif state is not None:
+                    guards.check_state(state, p, gi, i)
                 work.append((gi, group, p))
         return work
 
@@ -333,7 +337,7 @@ class _LionBase(torch.optim.Optimizer):
         # dict, so until the first kernel runs, restoring the dicts undoes everything. After
         # that only an external failure (out of memory, a device error, an interrupt) can stop
         # the step; it is then marked torn and refuses to continue or be saved silently.
-        saved_dicts = {p: (dict(self.state[p]) if p in self.state else None) for _, _, p in work}
+        saved_dicts = {p: (dict(st) if (st := self.state.get(p)) is not None else None) for _, _, p in work}
         kernels_started = False
         try:
             by_device: dict[torch.device, list] = defaultdict(list)

@@ -173,6 +173,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("q4-dyn-b32-sr", 4, "dynamic", 32, stochastic=True),
         Variant("q4-lin-b32-sr", 4, "linear", 32, stochastic=True),
         Variant("q4-fit-b32-sr", 4, "fitted", 32, stochastic=True),
+        Variant("q4-nf-b32-sr", 4, "normal", 32, stochastic=True, note="fixed normal-quantile map + SR"),
         Variant("q4-dyn-b256-ef2", 4, "dynamic", 256, ef_bits=2, note="error feedback in 2 bits"),
         Variant("q4-dyn-b32-ef2", 4, "dynamic", 32, ef_bits=2, note="error feedback in 2 bits"),
         Variant("q4-dyn-b32-ef4", 4, "dynamic", 32, ef_bits=4, note="error feedback in 4 bits"),

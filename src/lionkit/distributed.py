@@ -54,11 +54,17 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 
+_DTENSOR: Any = None  # the class, once torch.distributed.tensor has been imported
+
+
 def _dtensor_type() -> Any:
     # Importing torch.distributed.tensor costs about a second; a DTensor cannot exist before
-    # it is imported (FSDP2 imports it), so look it up instead of importing it.
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None)
+    # it is imported (FSDP2 imports it), so look it up instead of importing it. Once found it
+    # is kept: the optimizer asks for every parameter of every step.
+    global _DTENSOR
+    if _DTENSOR is None:
+        _DTENSOR = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return _DTENSOR
 
 
 def is_dtensor(t: Any) -> bool:

@@ -167,8 +167,7 @@ class _LionBase(torch.optim.Optimizer):
         (an override after the first step, or a checkpoint of the other bit width)."""
         state = self.state[p]
         eight, block_size = self._wanted_format(cfg, p)
-        dtensor = distributed._dtensor_type()
-        if dtensor is not None and isinstance(p, dtensor):  # an FSDP2 shard: local state, global blocks and sizes
+        if distributed.is_dtensor(p):  # an FSDP2 shard: local state, global blocks and sizes
             return distributed.prepare_state(self, p, cfg, eight, block_size)
         paged = self.is_paged
         like = guards.as_real(p)  # the state of a complex parameter is that of its real view
@@ -215,7 +214,6 @@ class _LionBase(torch.optim.Optimizer):
         """Every (group index, group, parameter) with a gradient, after checking parameters,
         gradients, existing state and group settings; raises naming the first problem."""
         work = []
-        dtensor = distributed._dtensor_type()  # None until torch.distributed.tensor is imported
         for gi, group in enumerate(self.param_groups):
             for key in config.GROUP_KEYS:
                 # settings may have been changed by hand or by a scheduler since the last step
@@ -230,7 +228,7 @@ class _LionBase(torch.optim.Optimizer):
                 guards.check_param(p, gi, i)
                 guards.check_grad(p, p.grad, gi, i)
                 state = self.state.get(p)
-                if dtensor is not None and isinstance(p, dtensor):
+                if distributed.is_dtensor(p):
                     distributed.check_grad(p, p.grad, guards.where(gi, i, p))
                     if state is not None:
                         distributed.check_state(state, p, guards.where(gi, i, p))
@@ -280,7 +278,6 @@ class _LionBase(torch.optim.Optimizer):
         # 2. Everything the update needs, computed from the inputs without writing.
         plans = []
         dist_sq = distributed.sharded_sq_norms(self, work)  # whole-tensor norms of FSDP2 shards
-        dtensor = distributed._dtensor_type()
         for gi, group, p in work:
             cfg = self._config(group, p)
             state = self.state.get(p, {})
@@ -289,7 +286,7 @@ class _LionBase(torch.optim.Optimizer):
             # update k uses schedule(k - 1), as in MLX
             lr = self._lr_value(schedule, step - 1) if schedule is not None else self._lr_value(cfg["lr"], 0)
             need_norm = cfg["percentile_clipping"] < 100 or self.grad_clip_norm is not None
-            if dtensor is not None and isinstance(p, dtensor):
+            if distributed.is_dtensor(p):
                 sq = dist_sq.get(id(p))
             else:
                 sq = clipping.grad_sq_norm(guards.as_real(p.grad)) if need_norm else None
@@ -308,7 +305,7 @@ class _LionBase(torch.optim.Optimizer):
             gscale = clipping.global_norm_scale(sqs, pscales, self.grad_clip_norm)
 
         hypers = []
-        shared: dict[tuple, StepHyper] = {}  # parameters with equal settings share one object
+        hyper_of: dict[tuple, StepHyper] = {}  # parameters with equal settings share one object
         sr_index = self._sr_index() if self.stochastic_rounding else {}
         for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
             beta1, beta2 = cfg["betas"]
@@ -325,9 +322,9 @@ class _LionBase(torch.optim.Optimizer):
                 # one seed per (optimizer, step, parameter): reproducible, and the same after a resume
                 rounding.derive_seed(self.sr_seed, step, sr_index[id(p)]) if sr_index else 0,
             )
-            hp = shared.get(values)
+            hp = hyper_of.get(values)
             if hp is None:
-                hp = shared[values] = StepHyper(*values)
+                hp = hyper_of[values] = StepHyper(*values)
             hypers.append(hp)
         backends = {p.device: None for _, _, p in work}
         for device in backends:
@@ -345,7 +342,7 @@ class _LionBase(torch.optim.Optimizer):
             dist_shared = []  # FSDP2: 8-bit blocks cut by shard boundaries, finished below
             for (gi, group, p, cfg, *_), hp in zip(plans, hypers):
                 state = self._prepare_state(p, cfg)
-                if dtensor is not None and isinstance(p, dtensor):
+                if distributed.is_dtensor(p):
                     items, shared = distributed.kernel_items(state, p, hp)
                     by_device[p.device].extend(items)
                     dist_shared.append(shared)

@@ -272,8 +272,8 @@ def peak_extra_memory(fn: Callable[[], Any], device: str) -> tuple[Optional[int]
     return max(0, peak - before), "peak RSS (VmHWM reset) with MALLOC_MMAP_THRESHOLD_=65536"
 
 
-def _shapes_of(v: Variant, n_params: float) -> list[tuple[str, tuple[int, ...]]]:
-    shapes = gpt2_shapes(n_params)
+def _shapes_of(v: Variant, shapes: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
+    """The model's tensors, or for a ``flat`` variant one tensor of the same total size."""
     return [("flat", (sum(math.prod(s) for _, s in shapes),))] if v.flat else shapes
 
 
@@ -285,7 +285,7 @@ def worker_first_step(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     v = Variant(**spec["variant"])
     device = spec["device"]
-    params = make_params(_shapes_of(v, spec["params"]), _dtype(v.dtype), device)
+    params = make_params(_shapes_of(v, gpt2_shapes(spec["params"])), _dtype(v.dtype), device)
     opt = build_optimizer(v, params)
     first = _timed(opt.step, device)
     opt.step()
@@ -319,7 +319,7 @@ def worker_timing(spec: dict) -> dict:
     for vd in spec["variants"]:
         v = Variant(**vd)
         try:
-            params = make_params([("flat", (n,))] if v.flat else shapes, _dtype(v.dtype), device)
+            params = make_params(_shapes_of(v, shapes), _dtype(v.dtype), device)
             opt = build_optimizer(v, params)
             opt.step()  # state
             opt.step()

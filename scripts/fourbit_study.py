@@ -266,14 +266,8 @@ class StudyJob:
     lr: Optional[float] = None  # overrides compare.HYPER's Lion lr (for the small screening LM)
 
 
-_TASKS: dict[tuple[str, bool], tasks.Task] = {}
 _FITTED: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _task(name: str, quick: bool) -> tasks.Task:
-    if (name, quick) not in _TASKS:
-        _TASKS[(name, quick)] = tasks.make_task(name, quick=quick)
-    return _TASKS[(name, quick)]
+_task = compare._task  # the tasks, built once per process as lionkit compare builds them
 
 
 def _fit_map(job: StudyJob) -> torch.Tensor:

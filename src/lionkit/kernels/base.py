@@ -7,10 +7,32 @@ from typing import Protocol, Sequence, Union
 
 import torch
 
+from .. import quant, quant_fast
 from ..qstate import QuantizedState
 
 Momentum = Union[torch.Tensor, QuantizedState]
 """fp32 momentum tensor (32-bit state) or its 8-bit form."""
+
+
+def fused_momentum_ok(p: torch.Tensor, m: Momentum) -> bool:
+    """True if a fused kernel can update ``m`` as the momentum of ``p`` in place: fp32 momentum,
+    or 8-bit codes with block size 256 or one scale per tensor, the dynamic map's bucket table,
+    and one scale per block (the kernels write that many); all contiguous, on ``p``'s device,
+    with ``p``'s element count."""
+    if isinstance(m, QuantizedState):
+        return (
+            m.block_size in (None, quant.BLOCK_SIZE)
+            and m.codes.dtype == torch.uint8
+            and m.codes.is_contiguous()
+            and m.codes.device == p.device
+            and m.codes.numel() == p.numel()
+            and m.absmax.dtype == torch.float32
+            and m.absmax.device == p.device
+            and m.absmax.is_contiguous()
+            and m.absmax.numel() == quant.num_blocks(p.numel(), m.block_size)
+            and quant_fast.kernel_constants_of(m.qmap) is not None
+        )
+    return m.dtype == torch.float32 and m.is_contiguous() and m.device == p.device and m.numel() == p.numel()
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 
 from .. import quant, quant_fast
 from ..qstate import QuantizedState
-from .base import Momentum, StepHyper
+from .base import Momentum, StepHyper, fused_momentum_ok
 from .torch_eager import TorchBackend
 
 SOURCE = Path(__file__).with_name("lion_cpu.cpp")
@@ -242,20 +242,7 @@ class CompiledBackend:
     def supports(self, p: torch.Tensor, m: Momentum) -> bool:
         if p.device.type != "cpu" or p.dtype not in _DTYPE_CODE or not p.is_contiguous():
             return False
-        if isinstance(m, QuantizedState):
-            return (
-                m.block_size in (None, quant.BLOCK_SIZE)
-                and m.codes.dtype == torch.uint8
-                and m.codes.is_contiguous()
-                and m.codes.numel() == p.numel()
-                and m.absmax.dtype == torch.float32
-                and m.absmax.is_contiguous()
-                and m.absmax.device.type == "cpu"
-                # the kernel writes one scale per block: the count must be right
-                and m.absmax.numel() == quant.num_blocks(p.numel(), m.block_size)
-                and _constants(m.qmap) is not None
-            )
-        return m.dtype == torch.float32 and m.is_contiguous() and m.numel() == p.numel() and m.device.type == "cpu"
+        return fused_momentum_ok(p, m)
 
     def step_many(
         self,

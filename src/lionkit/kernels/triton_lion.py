@@ -27,9 +27,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import quant, quant_fast
+from .. import quant_fast
 from ..qstate import QuantizedState
-from .base import Momentum, StepHyper
+from .base import Momentum, StepHyper, fused_momentum_ok
 from .torch_eager import TorchBackend
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -144,20 +144,7 @@ class TritonBackend:
     def supports(self, p: torch.Tensor, m: Momentum) -> bool:
         if not self._device_ok(p) or p.dtype not in _DTYPES or not p.is_contiguous():
             return False
-        if isinstance(m, QuantizedState):
-            return (
-                m.block_size in (None, quant.BLOCK_SIZE)
-                and m.codes.dtype == torch.uint8
-                and m.codes.is_contiguous()
-                and m.codes.device == p.device
-                and m.codes.numel() == p.numel()
-                and m.absmax.dtype == torch.float32
-                and m.absmax.device == p.device
-                and m.absmax.is_contiguous()
-                and m.absmax.numel() == quant.num_blocks(p.numel(), m.block_size)
-                and quant_fast.kernel_constants_of(m.qmap) is not None
-            )
-        return m.dtype == torch.float32 and m.is_contiguous() and m.device == p.device and m.numel() == p.numel()
+        return fused_momentum_ok(p, m)
 
     # ------------------------------------------------------------------ step
     def step_many(

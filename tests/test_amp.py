@@ -15,6 +15,7 @@ OPTIMIZERS = {
     "Lion": (lionkit.Lion, {}),
     "Lion8bit": (lionkit.Lion8bit, {"min_8bit_size": 1000}),
     "Lion8bit-per-tensor": (lionkit.Lion8bit, {"min_8bit_size": 1000, "block_wise": False}),
+    "Lion4bit": (lionkit.Lion4bit, {"min_8bit_size": 1000}),
 }
 
 

@@ -124,7 +124,7 @@ DAMAGE = [
     ("duplicate-param-id", _set(("param_groups", 1, "params"), [0, 3]), "lists parameter id 0 twice"),
     ("bad-lr", _set(("param_groups", 1, "lr"), -1.0), "param group 1 of the state dict: Invalid learning rate: -1.0"),
     ("bad-betas", _set(("param_groups", 0, "betas"), (0.9, 1.0)), "param group 0 of the state dict: Invalid beta at index 1"),
-    ("bad-bits", _set(("param_groups", 0, "optim_bits"), 4), "param group 0 of the state dict: Invalid optim_bits: 4"),
+    ("bad-bits", _set(("param_groups", 0, "optim_bits"), 16), "param group 0 of the state dict: Invalid optim_bits: 16"),
     ("group-without-params", _delete(("param_groups", 0, "params")), "param group 0 of the state dict must be a dict with a 'params' list"),
     ("state-not-dict", _set(("state",), [1, 2]), "'state' must be a dict, got list"),
     ("groups-not-list", _set(("param_groups",), "x"), "'param_groups' must be a list, got str"),

@@ -107,8 +107,8 @@ def test_module_override_keeps_embedding_32bit_and_follows_replacement():
 
 def test_override_values_are_validated():
     mng = GlobalOptimManager.get_instance()
-    with pytest.raises(ValueError, match="Invalid optim_bits: 4"):
-        mng.override_config(_p(), "optim_bits", 4)
+    with pytest.raises(ValueError, match="Invalid optim_bits: 16"):
+        mng.override_config(_p(), "optim_bits", 16)
     with pytest.raises(ValueError, match="Invalid config key: 'optim_bitz'"):
         mng.override_config(_p(), "optim_bitz", 8)
 

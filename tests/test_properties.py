@@ -207,6 +207,7 @@ OPTIMIZERS = {
     "lion32": lambda ps, **kw: lionkit.Lion(ps, **kw),
     "lion8-block": lambda ps, **kw: lionkit.Lion8bit(ps, min_8bit_size=0, **kw),
     "lion8-tensor": lambda ps, **kw: lionkit.Lion8bit(ps, min_8bit_size=0, block_wise=False, **kw),
+    "lion4": lambda ps, **kw: lionkit.Lion4bit(ps, min_8bit_size=0, **kw),
 }
 
 step_case = dict(

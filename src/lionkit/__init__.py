@@ -9,7 +9,7 @@ try:
     from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from .guards import NonFiniteGradientError
     from .config import GlobalOptimManager
-    from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
+    from .lion import Lion, Lion4bit, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
     from .qstate import QuantizedState
 except ModuleNotFoundError as _e:
     # Without torch (e.g. a Python 3.12 braintools environment, where torch would pull
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Lion",
+    "Lion4bit",
     "Lion8bit",
     "Lion32bit",
     "PagedLion",

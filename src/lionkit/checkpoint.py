@@ -4,7 +4,9 @@ save helper.
 
 lionkit's own ``state_dict()`` is bitsandbytes' plain layout: per parameter ``step`` (int),
 ``state1`` (fp32 momentum, or uint8 codes), for 8-bit ``absmax1`` (fp32 per block) and
-``qmap1`` (the 256-value map), and ``gnorm_vec`` when percentile clipping is on.
+``qmap1`` (the 256-value map), and ``gnorm_vec`` when percentile clipping is on. 4-bit momentum
+(lionkit only) keeps the same keys: ``state1`` packed (two codes per byte, flat), ``absmax1``
+one scale per 32 elements, ``qmap1`` the 15-level map, by whose size it is recognised.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import clipping, config, guards, quant
+from . import clipping, config, guards, quant, quant4
 
 BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
 _DROPPED_GROUP_KEYS = frozenset({"eps"})  # bitsandbytes' unused Lion eps
@@ -45,6 +47,11 @@ def to_bitsandbytes(state_dict: dict[str, Any]) -> dict[str, Any]:
     out_state = {}
     for key, st in state_dict["state"].items():
         st = flatten_param_state(st)
+        if quant4.is_map4(st.get("qmap1")):
+            raise ValueError(
+                f"parameter id {key!r} has 4-bit momentum, which bitsandbytes cannot load; load the state dict "
+                "into a lionkit optimizer with optim_bits=8 (it converts), then export that one"
+            )
         nested = {k: v for k, v in st.items() if k != "step"}
         out_state[key] = {"step": st.get("step", 0), BNB_NESTED_KEY: nested}
     groups = [{**g, "eps": g.get("eps", 0.0)} for g in state_dict["param_groups"]]
@@ -77,30 +84,37 @@ def parse_param_state(st: Any, p: torch.Tensor, where: str) -> dict[str, Any]:
     if not isinstance(s1, torch.Tensor):
         raise ValueError(f"{where}: 'state1' must be a tensor, got {type(s1).__name__}")
     like = guards.as_real(p)  # a complex parameter's state is that of its real view
-    if s1.shape != like.shape:
+    qmap = st.get("qmap1")
+    four = quant4.is_map4(qmap)
+    shape, blocks = guards.state_layout(like, s1, qmap)
+    if s1.shape != shape:
         raise ValueError(
             f"{where}: momentum shape {tuple(s1.shape)} does not match parameter shape {tuple(like.shape)}"
+            + (f" (4-bit codes: {tuple(shape)} bytes expected)" if four and s1.dtype == torch.uint8 else "")
         )
     dev = p.device
     # Copies are contiguous whatever the saved strides: the kernels work on flat memory.
     contiguous = torch.contiguous_format
     if s1.dtype == torch.uint8:
+        bits = 4 if four else 8
         if "absmax1" not in st:
-            raise ValueError(f"{where}: 8-bit momentum (uint8 'state1') without its scales ('absmax1')")
+            raise ValueError(f"{where}: {bits}-bit momentum (uint8 'state1') without its scales ('absmax1')")
         absmax = st["absmax1"]
-        blocks = quant.num_blocks(like.numel(), quant.BLOCK_SIZE)
-        if not isinstance(absmax, torch.Tensor) or not absmax.is_floating_point() or absmax.numel() not in (1, blocks):
+        if not isinstance(absmax, torch.Tensor) or not absmax.is_floating_point() or absmax.numel() not in blocks:
             got = tuple(absmax.shape) if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+            per_tensor = " (or 1 per-tensor scale)" if not four else ""
             raise ValueError(
-                f"{where}: 'absmax1' must be a float tensor of {blocks} block scales (or 1 per-tensor scale), got {got}"
+                f"{where}: 'absmax1' must be a float tensor of {blocks[-1]} block scales{per_tensor}, got {got}"
             )
         if bool((absmax < 0).any()):
             # a scale is a maximum of absolute values; a negative one would flip every sign
             raise ValueError(f"{where}: 'absmax1' holds negative scales (the checkpoint is damaged)")
-        qmap = st.get("qmap1")
         if qmap is None:
             qmap = quant.dynamic_map()
-        quant.validate_qmap(qmap, f"{where}: 'qmap1'")
+        if four:
+            quant4.validate_map4(qmap, f"{where}: 'qmap1'")
+        else:
+            quant.validate_qmap(qmap, f"{where}: 'qmap1'")
         out["state1"] = s1.to(dev, copy=True, memory_format=contiguous)
         out["absmax1"] = absmax.to(dev, torch.float32, copy=True).reshape(-1)
         out["qmap1"] = qmap.to(dev, copy=True)

@@ -13,8 +13,8 @@ It writes ``compare.json`` (every number, every curve), ``compare.png`` (validat
 curves, mean over seeds with a min-max band) and ``compare.md`` (the tables and the goals of
 issue 6, each marked met or not), and prints the tables.
 
-The configurations (``CONFIGS``): AdamW and Lion with fp32 weights; Lion with 8-bit momentum;
-and pure-bf16 training (bf16 weights, gradients and arithmetic, no fp32 master copy) with 8-bit
+The configurations (``CONFIGS``): AdamW and Lion with fp32 weights; Lion with 8-bit and with
+4-bit momentum; and pure-bf16 training (bf16 weights, gradients and arithmetic, no fp32 master copy) with 8-bit
 momentum, with and without stochastic rounding. Every Lion configuration of a task uses the
 same hyperparameters (``HYPER``): small sweeps that started from the Lion paper's advice (lr
 3-10x smaller than AdamW's, weight decay 3-10x larger, betas (0.95, 0.98)) and kept the best
@@ -26,7 +26,7 @@ to gain from more threads, and one thread per core is the fastest way to use a s
 
 Example::
 
-    lionkit compare                       # the full study: ~30 CPU-minutes, ~15 min on 2 free cores
+    lionkit compare                       # the full study: ~35 CPU-minutes, ~18 min on 2 free cores
     lionkit compare --quick --out /tmp/c  # the CI smoke run, under 2 minutes
     lionkit compare --tasks digits --seeds 5 --configs lion32,lion8
 """
@@ -72,12 +72,13 @@ CONFIGS: dict[str, ConfigSpec] = {
         ConfigSpec("adamw", "AdamW (fp32 weights)", "adamw"),
         ConfigSpec("lion32", "Lion 32-bit (fp32 weights)", "lion"),
         ConfigSpec("lion8", "Lion8bit (fp32 weights)", "lion", optim_bits=8),
+        ConfigSpec("lion4", "Lion4bit (fp32 weights)", "lion", optim_bits=4),
         ConfigSpec("bf16-sr-lion8", "Lion8bit, bf16 weights + SR", "lion", 8, torch.bfloat16, True),
         ConfigSpec("bf16-lion8", "Lion8bit, bf16 weights, no SR", "lion", 8, torch.bfloat16, False),
         ConfigSpec("bf16-sr-lion32", "Lion 32-bit, bf16 weights + SR", "lion", 32, torch.bfloat16, True),
     )
 }
-DEFAULT_CONFIGS = ("adamw", "lion32", "lion8", "bf16-sr-lion8", "bf16-lion8")
+DEFAULT_CONFIGS = ("adamw", "lion32", "lion8", "lion4", "bf16-sr-lion8", "bf16-lion8")
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def build_optimizer(config: ConfigSpec, hyper: FamilyHyper, seed: int) -> Callab
             weight_decay=hyper.weight_decay,
             optim_bits=config.optim_bits,
             stochastic_rounding=config.stochastic_rounding,
-            sr_seed=seed if config.stochastic_rounding else None,
+            # every seed its own rounding noise (weights' SR, 4-bit momentum)
+            sr_seed=seed if config.stochastic_rounding or config.optim_bits == 4 else None,
         )
 
     return build
@@ -274,6 +276,11 @@ def goals(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
                 f"{x:.4f} vs {r['mean']:.4f} ({100 * d:+.2f}%); 32-bit seeds span [{r['min']:.4f}, {r['max']:.4f}] "
                 f"(std {r['std']:.4f}): {where}",
             )
+        if "lion4" in per:
+            x = per["lion4"]["final_val_loss"]["mean"]
+            d = _rel(x, r["mean"])
+            add("Lion4bit within 1.5% of Lion 32-bit", task, abs(d) <= 0.015,
+                f"{x:.4f} vs {r['mean']:.4f} ({100 * d:+.2f}%)")
         for name, want in (("bf16-sr-lion8", True), ("bf16-lion8", None)):
             if name not in per:
                 continue
@@ -412,7 +419,7 @@ def plot(payload: dict[str, Any], path: str) -> None:
     # its own dash pattern and the later ones are thinner, leaving all of them visible
     styles = {"adamw": ("tab:gray", "-", 1.8), "lion32": ("tab:blue", "-", 2.6), "lion8": ("tab:orange", "--", 2.0),
               "bf16-sr-lion8": ("tab:green", ":", 2.2), "bf16-lion8": ("tab:red", "-.", 1.6),
-              "bf16-sr-lion32": ("tab:purple", (0, (5, 1, 1, 1)), 1.4)}
+              "bf16-sr-lion32": ("tab:purple", (0, (5, 1, 1, 1)), 1.4), "lion4": ("tab:brown", (0, (3, 1)), 1.8)}
     for col, task in enumerate(task_names):
         ends = []
         for name in [c for c in CONFIGS if c in payload["summary"][task]]:

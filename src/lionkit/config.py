@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-SUPPORTED_BITS = (8, 32)
+SUPPORTED_BITS = (4, 8, 32)
 
 # Keys an override (or `args`) may set, and the group keys an override may replace.
 STATE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "skip_zeros", "max_unorm")
@@ -59,6 +59,16 @@ def check_nonneg(name: str, value: Any, allow_none: bool = False) -> None:
 def check_optim_bits(bits: Any) -> None:
     if bits not in SUPPORTED_BITS or isinstance(bits, bool):
         raise ValueError(f"Invalid optim_bits: {bits!r} (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+
+
+def check_bits_layout(cfg: dict[str, Any]) -> None:
+    """4-bit momentum exists only block-wise (one scale per 32 elements): refuse
+    ``block_wise=False`` with ``optim_bits=4``."""
+    if cfg.get("optim_bits") == 4 and cfg.get("block_wise") is False:
+        raise ValueError(
+            "Invalid block_wise: False with optim_bits=4 (4-bit momentum needs one scale per block of 32; "
+            "use block_wise=True, or optim_bits=8 for one scale per tensor)"
+        )
 
 
 def check_percentile(pc: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from . import quant
+from . import quant, quant4
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -182,16 +182,15 @@ def check_state(state: dict[str, Any], p: torch.Tensor, gi: int, i: int) -> None
     if s1 is None:
         return
     like = as_real(p)
-    if s1.shape == like.shape and s1.device == p.device:
+    shape, blocks = state_layout(like, s1, state.get("qmap1"))
+    if s1.shape == shape and s1.device == p.device:
         if s1.dtype != torch.uint8:
             return
         absmax = state.get("absmax1")
-        if absmax is not None and absmax.device == p.device and absmax.numel() in (
-            1, quant.num_blocks(like.numel(), quant.BLOCK_SIZE)
-        ):
+        if absmax is not None and absmax.device == p.device and absmax.numel() in blocks:
             return
     name = where(gi, i, p)
-    if s1.shape != like.shape:
+    if s1.shape != shape:
         raise ValueError(
             f"{name}: its optimizer state has shape {tuple(s1.shape)}, the parameter now has shape "
             f"{tuple(like.shape)} (was it resized after the optimizer was built? Rebuild the optimizer or load a "
@@ -204,9 +203,20 @@ def check_state(state: dict[str, Any], p: torch.Tensor, gi: int, i: int) -> None
         )
     if s1.dtype == torch.uint8:
         absmax = state.get("absmax1")
-        blocks = quant.num_blocks(like.numel(), quant.BLOCK_SIZE)
-        if absmax is None or absmax.numel() not in (1, blocks) or absmax.device != p.device:
-            raise ValueError(f"{name}: its 8-bit optimizer state has no matching 'absmax1' ({blocks} block scales)")
+        if absmax is None or absmax.numel() not in blocks or absmax.device != p.device:
+            raise ValueError(
+                f"{name}: its quantized optimizer state has no matching 'absmax1' ({blocks[-1]} block scales)"
+            )
+
+
+def state_layout(like: torch.Tensor, s1: torch.Tensor, qmap: Any) -> tuple[torch.Size, tuple[int, ...]]:
+    """(shape of ``state1``, allowed numbers of scales) for the momentum of ``like``: fp32 or
+    8-bit codes are shaped like it (8-bit: one scale per tensor or per block of 256); 4-bit codes
+    (told apart by their 15-level map) are packed, with one scale per block of 32."""
+    n = like.numel()
+    if s1.dtype == torch.uint8 and quant4.is_map4(qmap):
+        return torch.Size([quant4.packed_numel(n)]), (quant.num_blocks(n, quant4.BLOCK_SIZE),)
+    return like.shape, (1, quant.num_blocks(n, quant.BLOCK_SIZE))
 
 
 def nonfinite_params(grads: Sequence[torch.Tensor]) -> list[int]:

@@ -285,7 +285,7 @@ def from_torch(optimizer_or_state_dict: Any) -> list[MomentumState]:
     a state dict; step the optimizer once or leave such parameters out."""
     import torch  # noqa: F401  (a state dict holds torch tensors)
 
-    from . import checkpoint
+    from . import checkpoint, quant4
 
     sd = optimizer_or_state_dict
     if hasattr(sd, "state_dict") and callable(sd.state_dict):
@@ -306,8 +306,13 @@ def from_torch(optimizer_or_state_dict: Any) -> list[MomentumState]:
             if s1.dtype.is_floating_point:
                 out.append(MomentumState(step, shape, momentum=_np_copy(s1.float())))
                 continue
-            absmax = _np_copy(st["absmax1"].float()).reshape(-1)
             qmap = st.get("qmap1")
+            if quant4.is_map4(qmap):
+                raise ValueError(
+                    f"parameter id {key!r} has 4-bit momentum, which the JAX/MLX front ends do not have; "
+                    "load the state dict into a lionkit optimizer with optim_bits=8 (it converts) and export that"
+                )
+            absmax = _np_copy(st["absmax1"].float()).reshape(-1)
             out.append(
                 MomentumState(
                     step,

@@ -11,13 +11,16 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from . import checkpoint, clipping, config, distributed, guards, kernels, paging, quant, rounding
+from . import checkpoint, clipping, config, distributed, guards, kernels, paging, quant, quant4, rounding
 from .kernels.base import Momentum, StepHyper
 from .kernels import sr_adapter
 from .qstate import QuantizedState
 
 ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 LRType = Union[float, torch.Tensor, Callable[[int], float]]
+
+
+_MOMENTUM_STREAM = 4  # separates the 4-bit momentum's random numbers from the weights' (derive_seed)
 
 
 class _LionBase(torch.optim.Optimizer):
@@ -66,13 +69,14 @@ class _LionBase(torch.optim.Optimizer):
         for key, value in state_cfg.items():
             config.check(key, value)
         state_cfg.pop("max_unorm")
+        config.check_bits_layout(state_cfg)
 
         self._default_schedule: Optional[Callable[[int], float]] = lr if callable(lr) else None
         self._lr_schedules: list[Optional[Callable[[int], float]]] = []
         self.grad_clip_norm = grad_clip_norm
         self.backend = backend
         self.is_paged = is_paged
-        self._qmaps: dict[torch.device, torch.Tensor] = {}
+        self._qmaps: dict[tuple[torch.device, int], torch.Tensor] = {}
         self._override_cache: dict[int, tuple[int, dict[str, Any]]] = {}
         self.backends_used: dict[str, str] = {}  # device -> backend name, filled at each step
         self.nonfinite = nonfinite
@@ -139,10 +143,12 @@ class _LionBase(torch.optim.Optimizer):
             self._override_cache[id(p)] = cached
         return {**group, **cached[1]} if cached[1] else group
 
-    def _qmap(self, device: torch.device) -> torch.Tensor:
-        if device not in self._qmaps:
-            self._qmaps[device] = quant.dynamic_map(device)
-        return self._qmaps[device]
+    def _qmap(self, device: torch.device, bits: int = 8) -> torch.Tensor:
+        """The map for ``bits``-bit momentum on ``device``, one tensor shared by all states."""
+        key = (device, bits)
+        if key not in self._qmaps:
+            self._qmaps[key] = quant4.normal_map(device) if bits == 4 else quant.dynamic_map(device)
+        return self._qmaps[key]
 
     # ------------------------------------------------------------------ state
     @staticmethod
@@ -151,61 +157,86 @@ class _LionBase(torch.optim.Optimizer):
         s1 = state["state1"]
         if s1.dtype != torch.uint8:
             return s1
-        absmax = state["absmax1"]
-        per_tensor = absmax.numel() == 1 and guards.as_real(p).numel() > quant.BLOCK_SIZE
-        return QuantizedState(s1, absmax, state["qmap1"], None if per_tensor else quant.BLOCK_SIZE)
-
-    def _wanted_format(self, cfg: dict[str, Any], p: torch.Tensor) -> tuple[bool, Optional[int]]:
+        absmax, qmap = state["absmax1"], state["qmap1"]
         numel = guards.as_real(p).numel()
-        eight = cfg["optim_bits"] == 8 and numel >= cfg["min_8bit_size"]
+        if quant4.is_map4(qmap):
+            return QuantizedState(s1, absmax, qmap, quant4.BLOCK_SIZE, 4, numel)
+        per_tensor = absmax.numel() == 1 and numel > quant.BLOCK_SIZE
+        return QuantizedState(s1, absmax, qmap, None if per_tensor else quant.BLOCK_SIZE)
+
+    @staticmethod
+    def _format_of(m: Momentum) -> tuple[int, Optional[int]]:
+        """(bits, block size) of a momentum as ``momentum`` returns it."""
+        if isinstance(m, QuantizedState):
+            return m.bits, m.block_size
+        return 32, None
+
+    def _wanted_format(self, cfg: dict[str, Any], p: torch.Tensor) -> tuple[int, Optional[int]]:
+        """(bits, block size) the configuration asks for: 32 (block size None), 8 (256, or None
+        for one scale per tensor) or 4 (32)."""
+        numel = guards.as_real(p).numel()
+        bits = cfg["optim_bits"] if numel >= cfg["min_8bit_size"] else 32
+        if bits == 32:
+            return 32, None
+        if bits == 4:
+            config.check_bits_layout(cfg)  # an override may have combined 4 bits with block_wise=False
+            return 4, quant4.BLOCK_SIZE
         # a tensor of at most one block has the same layout either way: call it block-wise
         per_tensor = not cfg["block_wise"] and numel > quant.BLOCK_SIZE
-        return eight, (None if per_tensor else quant.BLOCK_SIZE)
+        return 8, (None if per_tensor else quant.BLOCK_SIZE)
 
     def _prepare_state(self, p: torch.Tensor, cfg: dict[str, Any]) -> dict[str, Any]:
         """Build the state of ``p`` lazily, or convert it when its configuration changed
-        (an override after the first step, or a checkpoint of the other bit width)."""
+        (an override after the first step, or a checkpoint of another bit width)."""
         state = self.state[p]
-        eight, block_size = self._wanted_format(cfg, p)
+        bits, block_size = self._wanted_format(cfg, p)
         if distributed.is_dtensor(p):  # an FSDP2 shard: local state, global blocks and sizes
-            return distributed.prepare_state(self, p, cfg, eight, block_size)
-        paged = self.is_paged
+            if bits == 4:
+                raise ValueError(
+                    f"optim_bits=4 is not supported for DTensor (FSDP2) parameters (shape {tuple(p.shape)}); "
+                    "use optim_bits=8 for sharded parameters"
+                )
+            return distributed.prepare_state(self, p, cfg, bits == 8, block_size)
         like = guards.as_real(p)  # the state of a complex parameter is that of its real view
         if "state1" not in state:
             state["step"] = state.get("step", 0)
-            if eight:
-                self._store_8bit(state, like, None, block_size, paged)
-            else:
-                state["state1"] = paging.state_zeros(like, torch.float32, paged)
+            self._store(state, like, None, bits, block_size)
         else:
             # Conversions put new tensors into `state` and never modify the old ones, so a step
             # that fails later can restore the state by restoring the dict (see `step`).
-            is8 = state["state1"].dtype == torch.uint8
-            if not is8 and not eight:  # fp32 momentum, and fp32 wanted: nothing to do
-                current = None
-            else:
-                current = self.momentum(state, p)
-            if is8 and not eight:
-                m = current.dequantize()
-                state["state1"] = paging.state_zeros(like, torch.float32, paged)
-                state["state1"].copy_(m)
-                del state["absmax1"], state["qmap1"]
-            elif eight and (not is8 or current.block_size != block_size):
-                m = current.dequantize() if is8 else current
-                self._store_8bit(state, like, m, block_size, paged)
+            current = self.momentum(state, p)
+            if self._format_of(current) != (bits, block_size):
+                m = current.dequantize() if isinstance(current, QuantizedState) else current
+                self._store(state, like, m.reshape(-1), bits, block_size)
         if cfg["percentile_clipping"] < 100 and "gnorm_vec" not in state:
             state["gnorm_vec"] = torch.zeros(clipping.GNORM_HISTORY, dtype=torch.float32, device=p.device)
         return state
 
-    def _store_8bit(
-        self, state: dict[str, Any], p: torch.Tensor, m: Optional[torch.Tensor], block_size: Optional[int], paged: bool
+    def _store(
+        self, state: dict[str, Any], p: torch.Tensor, m: Optional[torch.Tensor], bits: int, block_size: Optional[int]
     ) -> None:
-        qmap = state.get("qmap1", self._qmap(p.device))
-        if m is None:
-            q = QuantizedState.zeros(p, block_size, qmap)
+        """Put momentum ``m`` (flat fp32; None = zeros) into ``state`` in the given format; new
+        tensors only (rounding to nearest when converting, as ``quant`` and ``quant4`` do)."""
+        paged = self.is_paged
+        if bits == 32:
+            s1 = paging.state_zeros(p, torch.float32, paged)
+            if m is not None:
+                s1.view(-1).copy_(m)
+            state["state1"] = s1
+            state.pop("absmax1", None)
+            state.pop("qmap1", None)
+            return
+        old = state.get("qmap1")
+        keep = old is not None and quant4.is_map4(old) == (bits == 4)  # a loaded map of this width
+        qmap = old if keep else self._qmap(p.device, bits)
+        if bits == 4:
+            q = (QuantizedState.zeros4(p.numel(), p.device, qmap) if m is None
+                 else QuantizedState.from_float4(m, qmap))
+            codes = paging.state_zeros(p, torch.uint8, paged, shape=tuple(q.codes.shape))
         else:
-            q = QuantizedState.from_float(m, block_size, qmap)
-        codes = paging.state_zeros(p, torch.uint8, paged)
+            q = QuantizedState.zeros(p, block_size, qmap) if m is None else QuantizedState.from_float(
+                m.view(p.shape), block_size, qmap)
+            codes = paging.state_zeros(p, torch.uint8, paged)
         codes.copy_(q.codes)
         state["state1"], state["absmax1"], state["qmap1"] = codes, q.absmax, qmap
 
@@ -306,10 +337,16 @@ class _LionBase(torch.optim.Optimizer):
 
         hypers = []
         hyper_of: dict[tuple, StepHyper] = {}  # parameters with equal settings share one object
-        sr_index = self._sr_index() if self.stochastic_rounding else {}
+        sr_index = self._sr_index() if self.stochastic_rounding else None
         for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
             beta1, beta2 = cfg["betas"]
             scale = gscale * (float(pscale) if pscale is not None else 1.0)
+            mseed = 0
+            if self._wanted_format(cfg, p)[0] == 4:
+                sr_index = self._sr_index() if sr_index is None else sr_index
+                # the 4-bit momentum's rounding key; sr_seed None (no SR of the weights): fixed 0,
+                # so 4-bit runs are reproducible without drawing from torch's generator
+                mseed = rounding.derive_seed(self.sr_seed or 0, step, sr_index[id(p)], _MOMENTUM_STREAM) & 0xFFFFFFFF
             values = (
                 lr,
                 beta1,
@@ -320,7 +357,8 @@ class _LionBase(torch.optim.Optimizer):
                 cfg["skip_zeros"],
                 self.stochastic_rounding and guards.as_real(p).dtype in rounding.LOW_PRECISION,
                 # one seed per (optimizer, step, parameter): reproducible, and the same after a resume
-                rounding.derive_seed(self.sr_seed, step, sr_index[id(p)]) if sr_index else 0,
+                rounding.derive_seed(self.sr_seed, step, sr_index[id(p)]) if self.stochastic_rounding else 0,
+                mseed,
             )
             hp = hyper_of.get(values)
             if hp is None:

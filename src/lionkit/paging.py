@@ -94,11 +94,15 @@ def prefetch(t: torch.Tensor) -> None:
         _check(cudart.cudaMemPrefetchAsync(t.data_ptr(), nbytes, t.device.index or 0, stream), "cudaMemPrefetchAsync")
 
 
-def state_zeros(like: torch.Tensor, dtype: torch.dtype, paged: bool) -> torch.Tensor:
-    """Zero state shaped like ``like``: managed memory when paged on CUDA and large enough."""
+def state_zeros(
+    like: torch.Tensor, dtype: torch.dtype, paged: bool, shape: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Zero state for ``like`` (shaped like it, or ``shape``): managed memory when paged on CUDA
+    and ``like`` is large enough."""
+    shape = like.shape if shape is None else shape
     if paged and like.device.type == "cuda" and like.numel() >= PAGED_MIN_NUMEL:
-        return zeros(like.shape, dtype, like.device)
-    return torch.zeros(like.shape, dtype=dtype, device=like.device)
+        return zeros(shape, dtype, like.device)
+    return torch.zeros(shape, dtype=dtype, device=like.device)
 
 
 def warn_if_unpageable(params) -> None:

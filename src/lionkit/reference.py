@@ -60,3 +60,31 @@ def lion_reference_8bit(
     scale = quant._expand_scale(new_absmax, m_new.numel(), block_size).reshape(m_new.shape)
     normed = torch.where(scale > 0, m_new / scale, torch.zeros_like(m_new))
     return p_new, quant.nearest_code_bruteforce(normed, qmap), new_absmax
+
+
+def lion_reference_4bit(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    qmap: torch.Tensor,
+    u: torch.Tensor,
+    **hyper,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 4-bit step (``lionkit.quant4``): unpack and dequantize, fp32 reference step, new
+    block scales, then stochastic rounding written out: the neighbouring levels ``lo <= v < hi``
+    found by comparing with every level, ``up = u < fp32((v - lo) / (hi - lo))``. ``u`` holds
+    one uniform per element. Returns (new p in fp32, new packed codes, new absmax)."""
+    from . import quant4
+
+    n = p.numel()
+    m = quant4.dequantize(codes, absmax, qmap, n)
+    p_new, m_new = lion_reference(p.reshape(-1).to(torch.float32), g.reshape(-1), m, **hyper)
+    new_absmax = quant.block_absmax(m_new, quant4.BLOCK_SIZE)
+    scale = new_absmax.repeat_interleave(quant4.BLOCK_SIZE)[:n]
+    v = torch.where(scale > 0, m_new / scale, torch.zeros_like(m_new))
+    lo = (qmap.reshape(1, -1) <= v.reshape(-1, 1)).sum(dim=1) - 1  # last level <= v
+    lo = lo.clamp(0, quant4.MAP_SIZE - 2)  # v = 1: between the top two levels, p = 1
+    lo_v, hi_v = qmap[lo], qmap[lo + 1]
+    up = u < (v - lo_v) / (hi_v - lo_v)
+    return p_new.reshape(p.shape), quant4.pack(lo + up.long()), new_absmax

@@ -11,17 +11,18 @@ from .. import quant, quant_fast
 from ..qstate import QuantizedState
 
 Momentum = Union[torch.Tensor, QuantizedState]
-"""fp32 momentum tensor (32-bit state) or its 8-bit form."""
+"""fp32 momentum tensor (32-bit state) or its 8- or 4-bit form."""
 
 
 def fused_momentum_ok(p: torch.Tensor, m: Momentum) -> bool:
     """True if a fused kernel can update ``m`` as the momentum of ``p`` in place: fp32 momentum,
-    or 8-bit codes with block size 256 or one scale per tensor, the dynamic map's bucket table,
+    or 8-bit (not 4-bit) codes with block size 256 or one scale per tensor, the dynamic map's bucket table,
     and one scale per block (the kernels write that many); all contiguous, on ``p``'s device,
     with ``p``'s element count."""
     if isinstance(m, QuantizedState):
         return (
-            m.block_size in (None, quant.BLOCK_SIZE)
+            m.bits == 8
+            and m.block_size in (None, quant.BLOCK_SIZE)
             and m.codes.dtype == torch.uint8
             and m.codes.is_contiguous()
             and m.codes.device == p.device
@@ -51,6 +52,9 @@ class StepHyper:
     # by the optimizer), so a step is reproducible. Backends without it must refuse the tensor.
     stochastic_rounding: bool = False
     seed: int = 0
+    # Key of the 4-bit momentum's stochastic rounding (lionkit.quant4.uniform), one per tensor
+    # and step; unused for 32- and 8-bit momentum.
+    mseed: int = 0
 
 
 class Backend(Protocol):

@@ -42,7 +42,8 @@ def step_many(
     hypers: Sequence[StepHyper],
 ) -> None:
     """Update every (p, g, m) whose ``hp.stochastic_rounding`` is set, with ``backend`` doing the
-    fp32 math; one-scale-per-tensor 8-bit momentum (not separable into chunks) goes to the eager
+    fp32 math; one-scale-per-tensor 8-bit momentum (not separable into chunks) and 4-bit momentum
+    (whose random numbers depend on the element's place in the whole tensor) go to the eager
     backend, which rounds stochastically itself."""
     assert CHUNK % quant.BLOCK_SIZE == 0  # chunks start on block boundaries
     eager = []
@@ -60,7 +61,7 @@ def step_many(
         batch, size = [], 0
 
     for p, g, m, hp in zip(params, grads, moms, hypers):
-        if isinstance(m, QuantizedState) and m.block_size is None:
+        if isinstance(m, QuantizedState) and (m.block_size is None or m.bits == 4):
             eager.append((p, g, m, hp))
             continue
         plain = replace(hp, stochastic_rounding=False)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .. import quant, rounding
+from .. import quant, quant4, rounding
 from ..qstate import QuantizedState
 from .base import Momentum, StepHyper
 
@@ -110,6 +110,24 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, q: QuantizedState, hp: StepHyper
         absmax.copy_(new_absmax)
 
 
+def step_4bit(p: torch.Tensor, g: torch.Tensor, q: QuantizedState, hp: StepHyper) -> None:
+    """4-bit momentum (``lionkit.quant4``): decode a chunk, update in fp32, re-encode with new
+    block scales, rounding stochastically with the uniforms of key ``hp.mseed``."""
+    pf, gf = _flat(p), _flat(g)
+    n, bs = pf.numel(), quant4.BLOCK_SIZE
+    assert CHUNK % bs == 0 and CHUNK % 2 == 0
+    for s in range(0, n, CHUNK):
+        e = min(s + CHUNK, n)
+        absmax = q.absmax[s // bs : s // bs + quant.num_blocks(e - s, bs)]
+        codes = q.codes[s // 2 : (e + 1) // 2]
+        m = quant4.dequantize(codes, absmax, q.qmap, e - s)
+        p_new, m_new = _update_chunk(pf[s:e], gf[s:e], m, hp)
+        _write_p(pf[s:e], p_new, hp, s)
+        new_codes, new_absmax = quant4.quantize(m_new, q.qmap, quant4.uniform(hp.mseed, s, e - s, pf.device))
+        codes.copy_(new_codes)
+        absmax.copy_(new_absmax)
+
+
 class TorchBackend:
     """Eager PyTorch, any device."""
 
@@ -128,6 +146,6 @@ class TorchBackend:
     ) -> None:
         for p, g, m, hp in zip(params, grads, moms, hypers):
             if isinstance(m, QuantizedState):
-                step_8bit(p, g, m, hp)
+                (step_4bit if m.bits == 4 else step_8bit)(p, g, m, hp)
             else:
                 step_32bit(p, g, m, hp)

@@ -14,11 +14,13 @@ from lionkit.qstate import QuantizedState
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+# mseed: the 4-bit momentum's rounding key (ignored by 32/8-bit); keys >= 2**31 included
 HYPERS = {
-    "plain": dict(lr=1e-2, beta1=0.9, beta2=0.99),
-    "wd": dict(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1),
-    "scale_clip": dict(lr=1e-2, beta1=0.95, beta2=0.98, grad_scale=0.5, clip_value=2e-3),
-    "all": dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3, grad_scale=0.25, clip_value=1e-3, skip_zeros=True),
+    "plain": dict(lr=1e-2, beta1=0.9, beta2=0.99, mseed=1),
+    "wd": dict(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, mseed=2**31 + 12345),
+    "scale_clip": dict(lr=1e-2, beta1=0.95, beta2=0.98, grad_scale=0.5, clip_value=2e-3, mseed=2**32 - 1),
+    "all": dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.3, grad_scale=0.25, clip_value=1e-3, skip_zeros=True,
+                mseed=987654321),
 }
 
 
@@ -35,13 +37,15 @@ def make_case(
     m.view(-1)[::11] = 0
     if bits == 32:
         return p, g, m
+    if bits == 4:
+        return p, g, QuantizedState.from_float4(m.reshape(-1))
     return p, g, QuantizedState.from_float(m, quant.BLOCK_SIZE if block_wise else None)
 
 
 def clone_mom(m: Any) -> Any:
     """A deep copy of a momentum (fp32 tensor or QuantizedState sharing only the map)."""
     if isinstance(m, QuantizedState):
-        return QuantizedState(m.codes.clone(), m.absmax.clone(), m.qmap, m.block_size)
+        return QuantizedState(m.codes.clone(), m.absmax.clone(), m.qmap, m.block_size, m.bits, m.numel)
     return m.clone()
 
 
@@ -88,12 +92,12 @@ def multi_tensor_set(seed: int = 1, sizes=CPU_SIZES) -> list[tuple[torch.Tensor,
     """A model-like mix in one call: dtypes, both momentum kinds, sizes around block and chunk
     edges, an empty tensor, per-tensor hyperparameters."""
     items = []
-    kinds = [(32, True), (8, True), (8, False)]
+    kinds = [(32, True), (8, True), (8, False), (4, True)]
     i = 0
     for dtype in DTYPES:
         for bits, bw in kinds:
             for n in sizes:
-                if bits == 8 and n == 0:
+                if bits in (8, 4) and n == 0:
                     continue
                 p, g, m = make_case((n,), dtype, bits, bw, seed=seed + i)
                 name = list(HYPERS)[i % len(HYPERS)]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernel_cases import DTYPES, HYPERS, assert_same, clone_mom, make_case, run_multi, run_pair
-from lionkit import Lion, Lion8bit, kernels, quant, quant_fast, reference
+from lionkit import Lion, Lion8bit, kernels, quant, quant4, quant_fast, reference
 from lionkit.kernels import compiled
 from lionkit.kernels.base import StepHyper
 from lionkit.kernels.torch_eager import TorchBackend
@@ -28,8 +28,9 @@ except compiled.BuildError as e:  # no compiler on this machine
 pytestmark = pytest.mark.skipif(BUILD_ERROR is not None, reason=f"CPU kernel cannot be built here: {BUILD_ERROR}")
 
 QMAP = quant.dynamic_map()
-KINDS = [(32, True), (8, True), (8, False)]  # (bits, block_wise): fp32, 8-bit per block, per tensor
-KIND_IDS = ["32bit", "8bit-block", "8bit-tensor"]
+# (bits, block_wise): fp32, 8-bit per block, per tensor, 4-bit (blocks of 32)
+KINDS = [(32, True), (8, True), (8, False), (4, True)]
+KIND_IDS = ["32bit", "8bit-block", "8bit-tensor", "4bit"]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,8 @@ def test_portable_build_equals_torch_backend(portable, bits, block_wise, dtype):
 @pytest.mark.parametrize(
     "bits,block_wise,dtype",
     [(32, True, torch.float32), (32, True, torch.bfloat16), (8, True, torch.float32), (8, True, torch.float16),
-     (8, False, torch.bfloat16)],
-    ids=["32bit-f32", "32bit-bf16", "8bit-block-f32", "8bit-block-f16", "8bit-tensor-bf16"],
+     (8, False, torch.bfloat16), (4, True, torch.bfloat16)],
+    ids=["32bit-f32", "32bit-bf16", "8bit-block-f32", "8bit-block-f16", "8bit-tensor-bf16", "4bit-bf16"],
 )
 def test_large_odd_shape(native, bits, block_wise, dtype):
     # 1024 x 1023: many chunks per tensor (per-tensor scales reduced across them), a partial block
@@ -77,7 +78,7 @@ def test_large_odd_shape(native, bits, block_wise, dtype):
 @pytest.mark.parametrize("grad_dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_gradient_dtype_differs_from_parameter(native, dtype, grad_dtype):
-    for bits in (32, 8):
+    for bits in (32, 8, 4):
         run_pair(native, (777,), dtype, bits, True, HYPERS["scale_clip"], steps=2, grad_dtype=grad_dtype)
 
 
@@ -86,16 +87,22 @@ def test_many_tensors_in_one_call(backend):
 
 
 @pytest.mark.parametrize("hyper", list(HYPERS), ids=list(HYPERS))
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 8, 4])
 def test_equals_fp32_reference(native, bits, hyper):
     # reference.py, the paper's equations, run in fp32: the same numbers bit for bit
     p, g, m = make_case((3000,), torch.float32, bits, True, seed=5)
     hp = HYPERS[hyper]
-    kw = {k: v for k, v in hp.items()}
+    kw = {k: v for k, v in hp.items() if k != "mseed"}  # the reference's arguments
     if bits == 32:
         want_p, want_m = reference.lion_reference(p, g, m, **kw)
         native.step_many([p], [g], [m], [StepHyper(**hp)])
         assert_same(want_p, p, want_m, m, "32-bit vs reference")
+    elif bits == 4:
+        u = quant4.uniform(hp["mseed"], 0, p.numel())
+        want_p, want_codes, want_absmax = reference.lion_reference_4bit(p, g, m.codes, m.absmax, m.qmap, u, **kw)
+        native.step_many([p], [g], [m], [StepHyper(**hp)])
+        want = QuantizedState(want_codes, want_absmax, m.qmap, 32, 4, p.numel())
+        assert_same(want_p, p, want, m, "4-bit vs reference")
     else:
         want_p, want_codes, want_absmax = reference.lion_reference_8bit(
             p, g, m.codes, m.absmax, m.qmap, m.block_size, **kw

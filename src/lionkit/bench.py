@@ -20,7 +20,8 @@ variant reports:
   ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc maps every large temporary afresh instead of
   recycling freed pages (which would hide it). CUDA: ``torch.cuda.max_memory_allocated``.
 
-Variants: lionkit 32/8-bit momentum x fp32/bf16 parameters x each backend, and the installed
+Variants: lionkit 32/8/4-bit momentum x fp32/bf16 parameters x each backend (4-bit: the
+compiled CPU kernel and the eager backend), and the installed
 peers on the same tensors: bitsandbytes ``Lion``/``Lion8bit``, lion-pytorch (plain and
 foreach), DeepSpeed's ``DeepSpeedCPULion`` (CPU), torch ``AdamW(fused=True)``. A peer that is
 missing or fails says why in the table instead of a number. The run ends with the goals of the
@@ -153,7 +154,7 @@ def build_optimizer(v: Variant, params) -> Any:
 
         import inspect
 
-        cls = lionkit.Lion8bit if v.bits == 8 else lionkit.Lion
+        cls = {8: lionkit.Lion8bit, 4: lionkit.Lion4bit}.get(v.bits, lionkit.Lion)
         kw = {}
         from .optimizer import _LionBase
 
@@ -197,6 +198,10 @@ def variants_for(device: str, peers: bool) -> list[Variant]:
             out.append(Variant(f"lionkit {bits}-bit {fast}", "lionkit", dt, fast, bits, compiles=True))
             out.append(Variant(f"lionkit {bits}-bit torch", "lionkit", dt, "torch", bits))
         out.append(Variant(f"lionkit 32-bit {fast} +check", "lionkit", dt, fast, 32, guard=True))
+        # 4-bit momentum: fused on the CPU; the eager backend elsewhere (no Triton kernel yet)
+        if device == "cpu":
+            out.append(Variant(f"lionkit 4-bit {fast}", "lionkit", dt, fast, 4))
+        out.append(Variant("lionkit 4-bit torch", "lionkit", dt, "torch", 4))
         for bits in (32, 8):
             out.append(Variant(f"lionkit {bits}-bit {fast} flat", "lionkit", dt, fast, bits, flat=True))
     if peers:

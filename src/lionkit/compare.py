@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lionkit compare",
         description=(
             "Train small real models (a character-level transformer LM on the Python reference shipped with "
-            "CPython, an MLP on scikit-learn's digits) on the CPU with AdamW, Lion, Lion8bit and pure-bf16 "
+            "CPython, an MLP on scikit-learn's digits) on the CPU with AdamW, Lion, Lion8bit, Lion4bit and pure-bf16 "
             "Lion8bit with/without stochastic rounding, over several seeds; write JSON, a PNG of the loss "
             "curves and a Markdown table."
         ),

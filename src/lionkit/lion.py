@@ -168,8 +168,9 @@ class Lion4bit(_LionBase):
     and a resumed run continues exactly as an uninterrupted one. Tensors under
     ``min_8bit_size`` elements keep fp32 momentum; ``block_wise=False`` is refused. The state
     converts to and from 8- and 32-bit when loaded into another optimizer (rounding to nearest),
-    but bitsandbytes and the JAX/MLX front ends cannot read it. The update runs on the eager
-    PyTorch backend (any device; no fused kernel yet).
+    but bitsandbytes and the JAX/MLX front ends cannot read it. On the CPU the fused kernel runs
+    it (bit-identical to the eager path); on CUDA it runs on the eager PyTorch backend (no
+    Triton kernel for it yet).
 
     Positional order as ``Lion8bit``. See ``lionkit.Lion`` for the math and arguments.
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from . import checkpoint, clipping, config, distributed, guards, kernels, paging, quant, quant4, rounding
+from . import checkpoint, clipping, config, distributed, fastpath, guards, kernels, paging, quant, quant4, rounding
 from .kernels.base import Momentum, StepHyper
 from .kernels import sr_adapter
 from .qstate import QuantizedState
@@ -86,6 +86,7 @@ class _LionBase(torch.optim.Optimizer):
             sr_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
         self.sr_seed = sr_seed  # with the step count and the parameter's place: every SR draw
         self.skipped_steps = 0  # steps skipped under nonfinite="skip" (not saved in checkpoints)
+        self._plan: Optional[fastpath.Plan] = None  # the cached step plan (fastpath.py)
         self.torn: Optional[str] = None  # why the last step stopped part-way; None when consistent
 
         defaults = dict(
@@ -300,6 +301,10 @@ class _LionBase(torch.optim.Optimizer):
                 loss = closure()
         if self.torn is not None:
             raise RuntimeError(_torn_message(self.torn))
+        plan, self._plan = self._plan, None
+        if plan is not None and self._planned_step(plan):
+            self._plan = plan
+            return loss
 
         # 1. Check; nothing is written until every parameter has passed.
         work = self._check_inputs()
@@ -376,6 +381,7 @@ class _LionBase(torch.optim.Optimizer):
         kernels_started = False
         try:
             by_device: dict[torch.device, list] = defaultdict(list)
+            plan_moms = []  # the momenta, for a step plan (fastpath.py)
             copies = []  # (parameter view, contiguous working copy) to write back
             dist_shared = []  # FSDP2: 8-bit blocks cut by shard boundaries, finished below
             for (gi, group, p, cfg, *_), hp in zip(plans, hypers):
@@ -386,6 +392,7 @@ class _LionBase(torch.optim.Optimizer):
                     dist_shared.append(shared)
                     continue
                 m = self.momentum(state, p)
+                plan_moms.append(m)
                 if self.is_paged and p.device.type == "cuda":
                     for t in (state["state1"],):
                         if t.numel() >= paging.PAGED_MIN_NUMEL:
@@ -446,7 +453,48 @@ class _LionBase(torch.optim.Optimizer):
                 if hasattr(e, "add_note"):
                     e.add_note(_torn_message(self.torn))
             raise
+        if fastpath.eligible(self, plans, plan_moms):
+            device = plans[0][2].device
+            rows = [(gi, p, self.state[p], m) for (gi, _, p, *_), m in zip(plans, plan_moms)]
+            self._plan = fastpath.Plan(self, rows, backends[device], device)
         return loss
+
+    def _planned_step(self, plan: fastpath.Plan) -> bool:
+        """Take this step with the cached plan; False (nothing written) when the plan no longer
+        fits or anything needs the full path (which then raises or decides as usual)."""
+        if kernels.resolve(self.backend, plan.device) is not plan.backend:  # opt.backend changed
+            return False
+        grads = plan.grads(self)
+        if grads is None:
+            return False
+        if self.nonfinite != "propagate" and not plan.all_finite(grads):
+            return False  # the full path raises or skips, naming the parameter
+        lrs = {}
+        for gi in plan.active_groups:
+            schedule = self._lr_schedules[gi]
+            if schedule is not None:
+                # update k uses schedule(k - 1); raises before any write, as the full path does
+                lrs[gi] = self._lr_value(schedule, plan.group_step[gi])
+                continue
+            lr = self.param_groups[gi]["lr"]
+            try:
+                config.check_lr(lr)
+            except ValueError:
+                return False
+            lrs[gi] = self._lr_value(lr, 0)
+        hypers = plan.hypers(lrs)
+        try:
+            plan.run(grads, hypers)
+        except BaseException as e:
+            self.torn = f"{type(e).__name__}: {e}"
+            if hasattr(e, "add_note"):
+                e.add_note(_torn_message(self.torn))
+            raise
+        plan.advance()
+        for gi in plan.active_groups:
+            if self._lr_schedules[gi] is not None:
+                self.param_groups[gi]["lr"] = lrs[gi]
+        return True
 
     def _sr_index(self) -> dict[int, int]:
         """id(p) -> the parameter's place in the optimizer (over all groups), for SR seeds."""
@@ -469,6 +517,7 @@ class _LionBase(torch.optim.Optimizer):
                 state_dict = result
         new_groups, new_state = checkpoint.parse_state_dict(self.param_groups, state_dict)
         # Everything validated: commit.
+        self._plan = None
         for group, saved in zip(self.param_groups, new_groups):
             group.update(saved)
         self.state = defaultdict(dict, new_state)

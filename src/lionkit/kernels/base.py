@@ -7,18 +7,38 @@ from typing import Protocol, Sequence, Union
 
 import torch
 
-from .. import quant, quant_fast
+from .. import quant, quant4, quant_fast
 from ..qstate import QuantizedState
 
 Momentum = Union[torch.Tensor, QuantizedState]
 """fp32 momentum tensor (32-bit state) or its 8- or 4-bit form."""
 
 
-def fused_momentum_ok(p: torch.Tensor, m: Momentum) -> bool:
+def fused_momentum_ok(p: torch.Tensor, m: Momentum, four_bit: bool = False) -> bool:
     """True if a fused kernel can update ``m`` as the momentum of ``p`` in place: fp32 momentum,
-    or 8-bit (not 4-bit) codes with block size 256 or one scale per tensor, the dynamic map's bucket table,
-    and one scale per block (the kernels write that many); all contiguous, on ``p``'s device,
-    with ``p``'s element count."""
+    or 8-bit codes with block size 256 or one scale per tensor, the dynamic map's bucket table,
+    and one scale per block (the kernels write that many), or (``four_bit``: for kernels that
+    have it) 4-bit codes in quant4's layout; all contiguous, on ``p``'s device, with ``p``'s
+    element count."""
+    if isinstance(m, QuantizedState) and m.bits == 4:
+        n = p.numel()
+        return (
+            four_bit
+            and m.block_size == quant4.BLOCK_SIZE
+            and m.size() == n
+            and m.codes.dtype == torch.uint8
+            and m.codes.is_contiguous()
+            and m.codes.device == p.device
+            and m.codes.numel() == quant4.packed_numel(n)
+            and m.absmax.dtype == torch.float32
+            and m.absmax.device == p.device
+            and m.absmax.is_contiguous()
+            and m.absmax.numel() == quant.num_blocks(n, quant4.BLOCK_SIZE)
+            and m.qmap.dtype == torch.float32
+            and m.qmap.device == p.device
+            and m.qmap.is_contiguous()
+            and m.qmap.numel() == quant4.MAP_SIZE
+        )
     if isinstance(m, QuantizedState):
         return (
             m.bits == 8

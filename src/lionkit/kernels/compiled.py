@@ -41,7 +41,7 @@ from .torch_eager import TorchBackend
 SOURCE = Path(__file__).with_name("lion_cpu.cpp")
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_MODE_32, _MODE_8_BLOCK, _MODE_8_TENSOR = 0, 1, 2
+_MODE_32, _MODE_8_BLOCK, _MODE_8_TENSOR, _MODE_4 = 0, 1, 2, 3
 # (parameter, gradient) dtypes the kernel is built for: the gradient in the parameter's dtype
 # or in fp32 (other pairs, rare, go to the eager backend: fewer instantiations, faster build)
 _PAIRS = {(d, d) for d in _DTYPE_CODE} | {(torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
@@ -155,7 +155,7 @@ def load(scalar: Optional[bool] = None):
                 lib = e if isinstance(e, BuildError) else BuildError(f"loading the CPU Lion kernel failed: {e}")
             else:
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-                lib.lk_step.argtypes = [i32, p, p, p, p, p, p, p, p, i32]
+                lib.lk_step.argtypes = [i32, p, p, p, p, p, p, p, p, p, i32]
                 lib.lk_step.restype = i32
                 lib.lk_quantize.argtypes = [p, p, i64, ctypes.c_float, p, i32]
                 lib.lk_all_finite.argtypes = [i32, p, p, p, p, i32]
@@ -239,11 +239,6 @@ class CompiledBackend:
         self._scalar = scalar
         self._fallback = TorchBackend()
 
-    def supports(self, p: torch.Tensor, m: Momentum) -> bool:
-        if p.device.type != "cpu" or p.dtype not in _DTYPE_CODE or not p.is_contiguous():
-            return False
-        return fused_momentum_ok(p, m)
-
     def step_many(
         self,
         params: Sequence[torch.Tensor],
@@ -255,41 +250,31 @@ class CompiledBackend:
         # tensors would otherwise spend more time here than in the kernel): the kernel's tables
         # are built from Python lists in one numpy call each at the end.
         slow = []
-        ptrs: list[int] = []  # (p, g, codes or momentum, absmax or 0, numel) per tensor
-        infos: list[int] = []  # (mode, p dtype, g dtype, flags) per tensor
+        ptrs: list[int] = []  # (p, g, codes or momentum, absmax or 0, numel, 4-bit map or 0) per tensor
+        infos: list[int] = []  # (mode, p dtype, g dtype, flags, 4-bit key) per tensor
         hrows: list[tuple[float, ...]] = []
         rows: dict[int, tuple[float, ...]] = {}  # by id(hp): the optimizer shares equal ones
         qc = None
         for item in zip(params, grads, moms, hypers):
             p, g, m, hp = item
-            pd, gd = p.dtype, g.dtype
             ok = (
-                (pd, gd) in _PAIRS
-                and not (hp.stochastic_rounding and pd != torch.float32)
+                not (hp.stochastic_rounding and p.dtype != torch.float32)
                 and g.device.type == "cpu"
                 and g.is_contiguous()
                 and g.numel() == p.numel()
-                and self.supports(p, m)
+                and self._fusable(p, g.dtype, m)
             )
-            quantized = isinstance(m, QuantizedState)
-            if ok and quantized:
+            if ok and isinstance(m, QuantizedState) and m.bits == 8:
                 qc_m = _constants(m.qmap)
                 ok = qc is None or qc_m is qc  # one map per call (there is only one dynamic map)
                 qc = qc_m if ok else qc
             if not ok:
                 slow.append(item)
                 continue
-            n = p.numel()
-            if n == 0:
+            if p.numel() == 0:
                 continue
-            if quantized:
-                mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
-                ptrs += (p.data_ptr(), g.data_ptr(), m.codes.data_ptr(), m.absmax.data_ptr(), n)
-            else:
-                mode = _MODE_32
-                ptrs += (p.data_ptr(), g.data_ptr(), m.data_ptr(), 0, n)
-            gsc = hp.grad_scale != 1.0 or hp.clip_value is not None
-            infos += (mode, _DTYPE_CODE[pd], _DTYPE_CODE[gd], int(hp.skip_zeros) | 2 * int(gsc))
+            ptrs += _pointers(p, g, m)
+            infos += _info(p, g.dtype, m, hp)
             row = rows.get(id(hp))
             if row is None:
                 row = rows[id(hp)] = _hyper_row(hp)
@@ -298,12 +283,24 @@ class CompiledBackend:
             self._fallback.step_many(*zip(*slow))
         if not hrows:
             return
+        n = len(hrows)
+        ptr = np.array(ptrs, dtype=np.int64).reshape(n, _NPTR).T.copy()  # one row per pointer kind
+        self._launch(n, ptr, np.array(infos, dtype=np.int32), np.array(hrows, dtype=np.float32), qc)
+
+    def _fusable(self, p: torch.Tensor, gdtype: torch.dtype, m: Momentum) -> bool:
+        return (p.dtype, gdtype) in _PAIRS and self.supports(p, m)
+
+    def supports(self, p: torch.Tensor, m: Momentum) -> bool:
+        if p.device.type != "cpu" or p.dtype not in _DTYPE_CODE or not p.is_contiguous():
+            return False
+        return fused_momentum_ok(p, m, four_bit=True)
+
+    def _launch(self, n: int, ptr: np.ndarray, info: np.ndarray, hyper: np.ndarray, qc: Optional[np.ndarray]) -> None:
+        """One kernel call over ``n`` tensors: ``ptr`` (6, n) int64 (p, g, momentum or codes,
+        absmax or 0, numel, 4-bit map or 0), ``info`` (n * 5) int32, ``hyper`` (n, 8) fp32
+        (each double rounded to fp32, nearest even, as torch does)."""
         if qc is None:  # no 8-bit tensor: any valid constants do
             qc = _constants(quant._dynamic_map_cpu())
-        n = len(hrows)
-        ptr = np.array(ptrs, dtype=np.int64).reshape(n, 5).T.copy()  # one row per pointer kind
-        info = np.array(infos, dtype=np.int32)
-        hyper = np.array(hrows, dtype=np.float32)  # each double rounded to fp32 (nearest even), as torch does
         rc = self._lib.lk_step(
             n,
             ptr[0].ctypes.data,
@@ -311,6 +308,7 @@ class CompiledBackend:
             ptr[2].ctypes.data,
             ptr[3].ctypes.data,
             ptr[4].ctypes.data,
+            ptr[5].ctypes.data,
             info.ctypes.data,
             hyper.ctypes.data,
             qc.ctypes.data,
@@ -318,3 +316,106 @@ class CompiledBackend:
         )
         if rc != 0:
             raise RuntimeError(f"CPU Lion kernel failed (code {rc})")
+
+    def prepare(
+        self, params: Sequence[torch.Tensor], gdtypes: Sequence[torch.dtype], moms: Sequence[Momentum]
+    ) -> Optional["Prepared"]:
+        """The kernel's tables for these parameters and momenta, built once, for repeated steps
+        whose gradients have ``gdtypes`` (lionkit.fastpath checks that they do); None if some
+        tensor is not for this kernel (step_many sends it elsewhere)."""
+        qc = None
+        for p, gd, m in zip(params, gdtypes, moms):
+            if p.numel() == 0 or not self._fusable(p, gd, m):
+                return None
+            if isinstance(m, QuantizedState) and m.bits == 4:
+                return None  # its rounding key changes every step
+            if isinstance(m, QuantizedState) and m.bits == 8:
+                if qc is not None and _constants(m.qmap) is not qc:
+                    return None
+                qc = _constants(m.qmap)
+        return Prepared(self, params, gdtypes, moms, qc)
+
+
+_NPTR = 6  # pointers (and sizes) per tensor, as lk_step takes them
+
+
+def _pointers(p: torch.Tensor, g: torch.Tensor, m: Momentum) -> tuple[int, ...]:
+    if isinstance(m, QuantizedState):
+        map4 = m.qmap.data_ptr() if m.bits == 4 else 0
+        return (p.data_ptr(), g.data_ptr(), m.codes.data_ptr(), m.absmax.data_ptr(), p.numel(), map4)
+    return (p.data_ptr(), g.data_ptr(), m.data_ptr(), 0, p.numel(), 0)
+
+
+def _info(p: torch.Tensor, gdtype: torch.dtype, m: Momentum, hp: StepHyper) -> tuple[int, int, int, int, int]:
+    key = 0
+    if isinstance(m, QuantizedState) and m.bits == 4:
+        mode = _MODE_4
+        key = hp.mseed - (1 << 32) if hp.mseed >= (1 << 31) else hp.mseed  # uint32 bits as int32
+    elif isinstance(m, QuantizedState):
+        mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
+    else:
+        mode = _MODE_32
+    return (mode, _DTYPE_CODE[p.dtype], _DTYPE_CODE[gdtype], _hyper_flags(hp), key)
+
+
+def _hyper_flags(hp: StepHyper) -> int:
+    gsc = hp.grad_scale != 1.0 or hp.clip_value is not None
+    return int(hp.skip_zeros) | 2 * int(gsc)
+
+
+class Prepared:
+    """``CompiledBackend`` tables for a fixed list of tensors: each ``run`` fills in only the
+    gradient pointers (and the hyperparameter rows when the list of StepHypers changed)."""
+
+    def __init__(
+        self, backend: CompiledBackend, params: Sequence[torch.Tensor], gdtypes: Sequence[torch.dtype],
+        moms: Sequence[Momentum], qc: Optional[np.ndarray],
+    ) -> None:
+        self.backend = backend
+        self.n = len(params)
+        self.ptr = np.array([_pointers(p, p, m) for p, m in zip(params, moms)], dtype=np.int64).reshape(self.n, _NPTR).T.copy()
+        plain = StepHyper(0.0, 0.0, 0.0)
+        self.info = np.array([_info(p, gd, m, plain) for p, gd, m in zip(params, gdtypes, moms)], dtype=np.int32)
+        self.qc = qc
+        self._hypers: Optional[Sequence[StepHyper]] = None
+        self.hyper = np.zeros((self.n, 8), dtype=np.float32)
+        self._numel = np.ascontiguousarray(self.ptr[4])
+        self._gdt = np.ascontiguousarray(self.info[:, 2])
+        self._grads: Optional[Sequence[torch.Tensor]] = None
+
+    def _set_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        # the pointers of this step's gradients, written once for the finite check and the step
+        if grads is not self._grads:
+            self.ptr[1] = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=self.n)
+            self._grads = grads
+
+    def all_finite(self, grads: Sequence[torch.Tensor]) -> bool:
+        """True if no gradient holds NaN or inf (one pass, as ``all_finite``)."""
+        self._set_grads(grads)
+        out = np.ones(self.n, dtype=np.uint8)
+        g = np.ascontiguousarray(self.ptr[1])
+        self.backend._lib.lk_all_finite(self.n, g.ctypes.data, self._numel.ctypes.data, self._gdt.ctypes.data,
+                                        out.ctypes.data, torch.get_num_threads())
+        finite = bool(out.all())
+        if not finite:
+            self._grads = None
+        return finite
+
+    def run(self, grads: Sequence[torch.Tensor], hypers: Sequence[StepHyper]) -> None:
+        if hypers is not self._hypers:
+            rows: dict[int, tuple[tuple[float, ...], int]] = {}
+            table, flags = [], []
+            for hp in hypers:
+                row = rows.get(id(hp))
+                if row is None:
+                    row = rows[id(hp)] = (_hyper_row(hp), _hyper_flags(hp))
+                table.append(row[0])
+                flags.append(row[1])
+            self.hyper = np.array(table, dtype=np.float32)
+            self.info[:, 3] = flags
+            self._hypers = hypers
+        self._set_grads(grads)
+        try:
+            self.backend._launch(self.n, self.ptr, self.info.reshape(-1), self.hyper, self.qc)
+        finally:
+            self._grads = None  # never keep gradients alive after the step (zero_grad frees them)

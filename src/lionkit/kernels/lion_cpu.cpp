@@ -1,5 +1,6 @@
-// The fused CPU Lion step: one pass over p, g and the momentum (fp32, or 8-bit codes with a
-// scale per block of 256 or per tensor), for fp32/fp16/bf16 parameters and gradients.
+// The fused CPU Lion step: one pass over p, g and the momentum (fp32, 8-bit codes with a scale
+// per block of 256 or per tensor, or 4-bit codes with a scale per block of 32), for
+// fp32/fp16/bf16 parameters and gradients.
 //
 // Built on first use by kernels/compiled.py (system C++ compiler, -O3 -march=native -fopenmp
 // -ffp-contract=off) and loaded with ctypes; no torch headers, so it builds in seconds. The
@@ -39,7 +40,9 @@ namespace lk {
 constexpr int64_t LK_BLOCK = 256;
 constexpr int64_t LK_CHUNK = 1 << 15;
 enum DType { F32 = 0, F16 = 1, BF16 = 2 };
-enum Mode { MOM32 = 0, MOM8_BLOCK = 1, MOM8_TENSOR = 2 };
+enum Mode { MOM32 = 0, MOM8_BLOCK = 1, MOM8_TENSOR = 2, MOM4 = 3 };
+constexpr int64_t LK_BLOCK4 = 32;  // 4-bit momentum: elements per scale (quant4.BLOCK_SIZE)
+constexpr int LK_MAP4 = 15;        // levels of the 4-bit map; code 7 is 0
 
 // Layout of the constants (uint32 words; quant_fast.kernel_constants builds them).
 constexpr uint32_t QC_MAGIC = 0x4C4B5131;
@@ -62,7 +65,9 @@ struct Tensor {
   void* p;
   const void* g;
   void* m;        // fp32 momentum or uint8 codes
-  float* absmax;  // 8-bit only
+  float* absmax;  // 8- and 4-bit only
+  const float* map4;  // 4-bit only: the 15 levels
+  uint32_t key;       // 4-bit only: the step's rounding key (quant4.uniform)
   int64_t n;
   int mode, pdt, gdt;
   bool skip, gsc;
@@ -183,6 +188,75 @@ inline void quant_block_scalar(const float* buf, int64_t n, float scale, uint8_t
     return;
   }
   for (int64_t i = 0; i < n; ++i) codes[i] = (uint8_t)quant1(buf[i] / scale, q);
+}
+
+// ---------------------------------------------------------------- 4-bit momentum (quant4.py)
+// quant4._mix32 in uint32 arithmetic (products mod 2**32, as the int64 & 0xFFFFFFFF there)
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x2C1B3C6Du;
+  x ^= x >> 13;
+  x *= 0x297A2D39u;
+  return x ^ (x >> 16);
+}
+// quant4.uniform(key, i): a multiple of 2**-24 in [0, 1)
+inline float uniform4(uint32_t key, int64_t i) {
+  uint32_t x = mix32((uint32_t)i);
+  uint32_t hi = (uint32_t)((uint64_t)i >> 32);
+  if (hi) x ^= mix32(hi);
+  return (float)(mix32(x ^ key) >> 8) * (1.0f / 16777216.0f);
+}
+// quant4.round_to_codes with uniform u: hi = the first level >= v (torch.bucketize), clamped
+// to [1, 14]; up with probability (v - lo) / (hi - lo), computed in fp32 as there
+inline int round4(float v, float u, const float* q) {
+  int hi = 0;
+  for (int k = 0; k < LK_MAP4; ++k) hi += q[k] < v;
+  hi = hi < 1 ? 1 : (hi > LK_MAP4 - 1 ? LK_MAP4 - 1 : hi);
+  float lo_v = q[hi - 1], hi_v = q[hi];
+  return u < (v - lo_v) / (hi_v - lo_v) ? hi : hi - 1;
+}
+
+// One block of 4-bit momentum (b0 a multiple of 32, len <= 32): decode (level x old scale),
+// update, new scale (max |m_new|, NaN for NaN or inf), re-encode with stochastic rounding, two
+// codes per byte (an odd tail padded with the zero code, as quant4.pack).
+template <int PT, int GT, bool GSC, bool SKIP>
+void block4_scalar(typename IO<PT>::T* p, const typename IO<GT>::T* g, uint8_t* codes, float* am, int64_t b0,
+                   int64_t len, const Hyper& h, const float* q, uint32_t key) {
+  float buf[LK_BLOCK4];
+  const float sold = *am;
+  for (int64_t k = 0; k < len; ++k) {
+    const int64_t i = b0 + k;
+    const int c = (codes[i >> 1] >> (4 * (int)(i & 1))) & 15;
+    float pn, mn;
+    lion1<SKIP>(IO<PT>::ld(p, i), grad_in<GSC>(IO<GT>::ld(g, i), h), q[c] * sold, h, &pn, &mn);
+    IO<PT>::st(p, i, pn);
+    buf[k] = mn;
+  }
+  float s = absmax_exact(buf, len);
+  if (std::isinf(s)) s = NAN;
+  for (int64_t k = 0; k < len; k += 2) {
+    int c0 = 7, c1 = 7;  // where(scale > 0, m / scale, 0): the zero code for a 0 or NaN scale
+    if (s > 0.0f) {
+      c0 = round4(buf[k] / s, uniform4(key, b0 + k), q);
+      if (k + 1 < len) c1 = round4(buf[k + 1] / s, uniform4(key, b0 + k + 1), q);
+    }
+    codes[(b0 + k) >> 1] = (uint8_t)(c0 | (c1 << 4));
+  }
+  *am = s;
+}
+
+// 4-bit over [n0, n1) (n0 a multiple of 32), block by block
+template <int PT, int GT, bool GSC, bool SKIP>
+void run4_scalar(void* pv, const void* gv, uint8_t* codes, float* absmax, int64_t n0, int64_t n1, const Hyper& h,
+                 const float* q, uint32_t key) {
+  auto* p = (typename IO<PT>::T*)pv;
+  auto* g = (const typename IO<GT>::T*)gv;
+  for (int64_t b0 = n0; b0 < n1; b0 += LK_BLOCK4) {
+    const int64_t len = n1 - b0 < LK_BLOCK4 ? n1 - b0 : LK_BLOCK4;
+    block4_scalar<PT, GT, GSC, SKIP>(p, g, codes, absmax + b0 / LK_BLOCK4, b0, len, h, q, key);
+  }
 }
 
 template <int PT, int GT, bool GSC, bool SKIP>
@@ -522,11 +596,101 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
     cur ^= 1;
   }
 }
+// ---------------------------------------------------------------- 4-bit, AVX-512
+inline __m512i vmix32(__m512i x) {  // mix32 on 16 lanes (vpmulld: the low 32 bits, as uint32 *)
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x2C1B3C6D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x297A2D39));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// Whole blocks of 32 in registers: the 15 levels sit in one register (lane 15: +inf), so the
+// decode is one vpermps, the neighbour search a branchless 4-step binary search of vpermps and
+// compares (lower_bound = torch.bucketize), and the uniforms are quant4.uniform on 16 lanes. A
+// partial block (only at a tensor's end) takes the scalar path. Same results bit for bit.
+template <int PT, int GT, bool GSC, bool SKIP>
+void run4_vec(void* pv, const void* gv, uint8_t* codes, float* absmax, int64_t n0, int64_t n1, const Hyper& hs,
+              const float* qm, uint32_t key) {
+  auto* p = (typename IO<PT>::T*)pv;
+  auto* g = (const typename IO<GT>::T*)gv;
+  const VHyper h(hs);
+  alignas(64) float qa[16];
+  for (int k = 0; k < LK_MAP4; ++k) qa[k] = qm[k];
+  qa[15] = INFINITY;
+  const V vq = _mm512_load_ps(qa);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1), vkey = _mm512_set1_epi32((int)key);
+  const V two24 = _mm512_set1_ps(1.0f / 16777216.0f);
+  const __m128i nib = _mm_set1_epi8(0x0F), pair = _mm_set1_epi16(0x1001);  // bytes (1, 16): c0 + 16 c1
+  alignas(64) float buf[LK_BLOCK4];
+  for (int64_t b0 = n0; b0 < n1; b0 += LK_BLOCK4) {
+    float* am = absmax + b0 / LK_BLOCK4;
+    if (n1 - b0 < LK_BLOCK4) {
+      block4_scalar<PT, GT, GSC, SKIP>(p, g, codes, am, b0, n1 - b0, hs, qm, key);
+      break;
+    }
+    uint8_t* cb = codes + (b0 >> 1);
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)cb);
+    const __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+    const __m128i c8[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // elements 0-15, 16-31
+    const V sold = _mm512_set1_ps(*am);
+    V mn[2];
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = b0 + 16 * r;
+      V m = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c8[r]), vq), sold);
+      V pn;
+      vlion<SKIP>(VIO<PT>::ld(p + i, 0xFFFF), vgrad_in<GSC>(VIO<GT>::ld(g + i, 0xFFFF), h), m, h, &pn, &mn[r]);
+      VIO<PT>::st(p + i, pn, 0xFFFF);
+    }
+    float s = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(mn[0]), _mm512_abs_ps(mn[1])));
+    if (!std::isfinite(_mm512_reduce_add_ps(_mm512_add_ps(mn[0], mn[1])))) {  // the NaN rule, rarely
+      _mm512_store_ps(buf, mn[0]);
+      _mm512_store_ps(buf + 16, mn[1]);
+      s = absmax_exact(buf, LK_BLOCK4);
+    }
+    if (std::isinf(s)) s = NAN;
+    if (!(s > 0.0f)) {  // a zero or NaN scale: every element gets the zero code
+      std::memset(cb, 0x77, LK_BLOCK4 / 2);
+      *am = s;
+      continue;
+    }
+    const V vs = _mm512_set1_ps(s);
+    const uint32_t top = (uint32_t)((uint64_t)b0 >> 32);
+    const __m512i fold = _mm512_set1_epi32(top ? (int)mix32(top) : 0);
+    __m128i out[2];
+    for (int r = 0; r < 2; ++r) {
+      const V v = _mm512_div_ps(mn[r], vs);  // IEEE division, as the reference
+      __m512i cnt = _mm512_setzero_si512();  // levels below v: 8, 4, 2, 1 steps of lower_bound
+      for (int step = 8; step >= 1; step >>= 1) {
+        const __m512i cand = _mm512_add_epi32(cnt, _mm512_set1_epi32(step));
+        const V t = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, one), vq);
+        cnt = _mm512_mask_mov_epi32(cnt, _mm512_cmp_ps_mask(t, v, _CMP_LT_OQ), cand);
+      }
+      const __m512i hi_i = _mm512_max_epi32(_mm512_min_epi32(cnt, _mm512_set1_epi32(LK_MAP4 - 1)), one);
+      const __m512i lo_i = _mm512_sub_epi32(hi_i, one);
+      const V lo_v = _mm512_permutexvar_ps(lo_i, vq), hi_v = _mm512_permutexvar_ps(hi_i, vq);
+      const V pu = _mm512_div_ps(_mm512_sub_ps(v, lo_v), _mm512_sub_ps(hi_v, lo_v));
+      const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)(b0 + 16 * r)), lane);
+      const __m512i hsh = vmix32(_mm512_xor_si512(_mm512_xor_si512(vmix32(idx), fold), vkey));
+      const V u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(hsh, 8)), two24);
+      const __m512i code = _mm512_mask_mov_epi32(lo_i, _mm512_cmp_ps_mask(u, pu, _CMP_LT_OQ), hi_i);
+      out[r] = _mm_maddubs_epi16(_mm512_cvtepi32_epi8(code), pair);  // 8 words c[2j] + 16 c[2j+1]
+    }
+    _mm_storeu_si128((__m128i*)cb, _mm_packus_epi16(out[0], out[1]));
+    *am = s;
+  }
+}
+
+#define LK_RUN4 run4_vec
 #define LK_RUN32 run32_vec
 #define LK_RUN8 run8_vec
 #define LK_QUANT quant_block_vec
 #define LK_PIPE 1
 #else
+#define LK_RUN4 run4_scalar
 #define LK_RUN32 run32_scalar
 #define LK_RUN8 run8_scalar
 #define LK_QUANT quant_block_scalar
@@ -539,6 +703,10 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
 template <int PT, int GT, bool GSC, bool SKIP>
 float chunk_impl(const Tensor& t, int64_t n0, int64_t n1, int pass, float scale, const Quant& q) {
   alignas(64) float buf[LK_BLOCK];
+  if (t.mode == MOM4) {
+    LK_RUN4<PT, GT, GSC, SKIP>(t.p, t.g, (uint8_t*)t.m, t.absmax, n0, n1, t.h, t.map4, t.key);
+    return 0.0f;
+  }
   if (t.mode == MOM32) {
     LK_RUN32<PT, GT, GSC, SKIP>(t.p, t.g, (float*)t.m, n0, n1, t.h);
     return 0.0f;
@@ -609,12 +777,14 @@ extern "C" {
 int lk_isa() { return LK_AVX512 ? 512 : 0; }
 
 // One Lion step over n tensors. Per tensor i: pointers p[i], g[i], m[i] (fp32 momentum or
-// uint8 codes), absmax[i] (8-bit), numel[i]; info[4i..4i+3] = {mode, p dtype, g dtype, flags}
-// (flags: 1 skip_zeros, 2 grad scale or clip present); hyper[8i..8i+7] = {lr, b1, 1-b1, b2,
-// 1-b2, 1-lr*wd (or 1), grad_scale, clip (or inf)}. qc: quant_fast.kernel_constants.
+// uint8 codes), absmax[i] (8- and 4-bit), numel[i], map4[i] (4-bit: its 15 fp32 levels);
+// info[5i..5i+4] = {mode, p dtype, g dtype, flags, 4-bit rounding key (uint32 bits)} (flags:
+// 1 skip_zeros, 2 grad scale or clip present); hyper[8i..8i+7] = {lr, b1, 1-b1, b2, 1-b2,
+// 1-lr*wd (or 1), grad_scale, clip (or inf)}. qc: quant_fast.kernel_constants.
 // Returns 0, or -1 if qc is not a constants array.
 int lk_step(int n, const int64_t* p, const int64_t* g, const int64_t* m, const int64_t* absmax,
-            const int64_t* numel, const int32_t* info, const float* hyper, const uint32_t* qc, int nthreads) {
+            const int64_t* numel, const int64_t* map4, const int32_t* info, const float* hyper, const uint32_t* qc,
+            int nthreads) {
   if (qc[0] != QC_MAGIC) return -1;
   const Quant q(qc);
   std::vector<Tensor> ts((size_t)n);
@@ -627,11 +797,13 @@ int lk_step(int n, const int64_t* p, const int64_t* g, const int64_t* m, const i
     t.m = (void*)m[i];
     t.absmax = (float*)absmax[i];
     t.n = numel[i];
-    t.mode = info[4 * i];
-    t.pdt = info[4 * i + 1];
-    t.gdt = info[4 * i + 2];
-    t.skip = (info[4 * i + 3] & 1) != 0;
-    t.gsc = (info[4 * i + 3] & 2) != 0;
+    t.map4 = (const float*)map4[i];
+    t.mode = info[5 * i];
+    t.pdt = info[5 * i + 1];
+    t.gdt = info[5 * i + 2];
+    t.skip = (info[5 * i + 3] & 1) != 0;
+    t.gsc = (info[5 * i + 3] & 2) != 0;
+    t.key = (uint32_t)info[5 * i + 4];
     std::memcpy(&t.h, hyper + 8 * i, sizeof(Hyper));
     any_per_tensor |= t.mode == MOM8_TENSOR;
     first[(size_t)i + 1] = first[(size_t)i] + (t.n + LK_CHUNK - 1) / LK_CHUNK;

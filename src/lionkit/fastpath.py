@@ -1,0 +1,194 @@
+"""The cached step plan: the common step without re-deriving what did not change.
+
+A full ``step()`` checks every parameter, gradient, state tensor and setting, works out each
+parameter's configuration, builds or converts state, and hands the kernels their tensors: for a
+model with hundreds of tensors that Python costs 2-3 ms, 15-20% of a CPU step over 20M
+parameters (``docs/benchmarks.md``). Once a step has gone through that path, almost all of it
+is known for the next one; only the gradients (new tensors every step) and the learning rate
+change. ``Plan`` keeps the rest, and a step uses it only after checking, in a few attribute reads
+per parameter, that nothing it relies on moved:
+
+* the same param groups, parameters (identity, data pointer, shape), settings other than ``lr``,
+  and per-parameter overrides (``GlobalOptimManager`` version);
+* every state dict, and the ``state1``/``absmax1`` tensors in it, the same objects;
+* every gradient present where it was, dense, contiguous, with the dtype, shape and device it had;
+* the backend the optimizer's ``backend`` setting resolves to.
+
+Anything else (a new or missing gradient, a replaced tensor, a loaded checkpoint, a changed
+setting, a non-finite gradient) falls back to the full path, which raises its usual errors or
+takes the step and builds a new plan. Steps that need per-step work per parameter are not planned
+at all: gradient-norm and percentile clipping, stochastic rounding, 4-bit momentum, DTensor,
+complex or non-contiguous parameters, paged state, per-parameter overrides, and parameters at
+different step counts in a group whose lr is a callable schedule. The result of a planned step is bit-identical to the full path's (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import config, guards
+from .kernels.base import Backend, Momentum, StepHyper
+from .qstate import QuantizedState
+
+_STRIDED = torch.strided
+
+
+class Plan:
+    """What a planned step needs, captured after a successful full step."""
+
+    def __init__(
+        self,
+        opt: Any,
+        items: Sequence[tuple[int, torch.Tensor, dict[str, Any], Momentum]],
+        backend: Backend,
+        device: torch.device,
+    ) -> None:
+        groups = opt.param_groups
+        self.version = config.GlobalOptimManager.get_instance().version
+        self.state_obj = opt.state
+        self.plists = [g["params"] for g in groups]
+        self.lens = [len(g["params"]) for g in groups]
+        self.settings = [_settings(g) for g in groups]
+        with_grad = {id(p) for _, p, _, _ in items}
+        # per group, per parameter: whether it had a gradient
+        self.had_grad = [[id(p) in with_grad for p in g["params"]] for g in groups]
+        self.group_idx = [gi for gi, _, _, _ in items]
+        self.params = [p for _, p, _, _ in items]
+        self.states = [st for _, _, st, _ in items]
+        self.s1 = [st["state1"] for st in self.states]
+        self.absmax = [st.get("absmax1") for st in self.states]
+        self.ptrs = [p.data_ptr() for p in self.params]
+        self.shapes = [p.shape for p in self.params]
+        self.gdtypes = [p.grad.dtype for p in self.params]
+        self.moms = [m for _, _, _, m in items]
+        self.steps = [st["step"] for st in self.states]  # each parameter's step count so far
+        # a scheduled group's parameters share one step count (``eligible``): its lr's argument
+        self.group_step = {gi: st for gi, st in zip(self.group_idx, self.steps)}
+        self.backend = backend
+        self.device = device
+        self.active_groups = sorted(set(self.group_idx))
+        prepare = getattr(backend, "prepare", None)
+        self.prepared = prepare(self.params, self.gdtypes, self.moms) if prepare is not None else None
+        self._hyper_key: Optional[tuple] = None
+        self._hypers: list[StepHyper] = []
+
+    def grads(self, opt: Any) -> Optional[list[torch.Tensor]]:
+        """The gradients to use, or None when anything the plan relies on has changed."""
+        groups = opt.param_groups
+        if (
+            opt.state is not self.state_obj
+            or len(groups) != len(self.plists)
+            or config.GlobalOptimManager.get_instance().version != self.version
+        ):
+            return None
+        for g, plist, n, settings in zip(groups, self.plists, self.lens, self.settings):
+            if g["params"] is not plist or len(plist) != n or _settings(g) != settings:
+                return None
+        grads: list[torch.Tensor] = []
+        append = grads.append
+        state_get = opt.state.get
+        dev = self.device
+        k = 0
+        params, states, s1, absmax, ptrs, shapes, gdtypes, steps = (
+            self.params, self.states, self.s1, self.absmax, self.ptrs, self.shapes, self.gdtypes, self.steps
+        )
+        for plist, had_grad in zip(self.plists, self.had_grad):
+            for p, had in zip(plist, had_grad):
+                g = p.grad
+                if g is None:
+                    if had:
+                        return None
+                    continue
+                if not had or p is not params[k]:
+                    return None
+                st = states[k]
+                shape = shapes[k]
+                if (
+                    p.data_ptr() != ptrs[k]
+                    or p.shape != shape
+                    or g.layout != _STRIDED
+                    or g.dtype is not gdtypes[k]
+                    or g.shape != shape
+                    or g.device != dev
+                    or not g.is_contiguous()
+                    or state_get(p) is not st
+                    or st.get("state1") is not s1[k]
+                    or st.get("absmax1") is not absmax[k]
+                    or st.get("step") != steps[k]
+                ):
+                    return None
+                append(g)
+                k += 1
+        return grads
+
+    def hypers(self, lrs: dict[int, float]) -> list[StepHyper]:
+        """One StepHyper per planned parameter (shared per group) for the lrs of the active
+        groups; the same list object while the lrs do not change."""
+        key = tuple(lrs.values())
+        if key != self._hyper_key:
+            by_group = {}
+            for gi, lr in lrs.items():
+                group = self.settings[gi]
+                beta1, beta2 = group["betas"]
+                by_group[gi] = StepHyper(
+                    lr, beta1, beta2, group["weight_decay"], 1.0, group["grad_clip_value"], group["skip_zeros"]
+                )
+            self._hypers = [by_group[gi] for gi in self.group_idx]
+            self._hyper_key = key
+        return self._hypers
+
+    def advance(self) -> None:
+        """Count the step taken: in every state dict and in the plan."""
+        steps = self.steps
+        for k, st in enumerate(self.states):
+            steps[k] += 1
+            st["step"] = steps[k]
+        for gi in self.group_step:
+            self.group_step[gi] += 1
+
+    def all_finite(self, grads: list[torch.Tensor]) -> bool:
+        """True if no gradient holds NaN or inf."""
+        if self.prepared is not None:
+            return self.prepared.all_finite(grads)
+        return not guards.nonfinite_params(grads)
+
+    def run(self, grads: list[torch.Tensor], hypers: list[StepHyper]) -> None:
+        """The kernels, on the planned tensors."""
+        if self.prepared is not None:
+            self.prepared.run(grads, hypers)
+        else:
+            self.backend.step_many(self.params, grads, self.moms, hypers)
+
+
+def _settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's settings other than its parameters and learning rate."""
+    return {k: v for k, v in group.items() if k != "params" and k != "lr"}
+
+
+def eligible(opt: Any, plans: Sequence[tuple], moms: Sequence[Momentum]) -> bool:
+    """Whether a full step just taken (its ``plans`` rows and momenta) can be replayed by a Plan."""
+    if opt.grad_clip_norm is not None or opt.stochastic_rounding or opt.is_paged or not plans or len(moms) != len(plans):
+        return False
+    device = plans[0][2].device
+    scheduled_step: dict[int, int] = {}  # group -> the step count its parameters share
+    for (gi, group, p, cfg, p_step, *_), m in zip(plans, moms):
+        if opt._lr_schedules[gi] is not None and scheduled_step.setdefault(gi, p_step) != p_step:
+            return False
+        if (
+            cfg is not group  # per-parameter overrides
+            or not all(k in group for k in ("betas", "weight_decay", "grad_clip_value", "skip_zeros"))
+            or cfg["percentile_clipping"] < 100
+            or type(p) not in (torch.Tensor, torch.nn.Parameter)
+            or p.is_complex()
+            or not p.is_contiguous()
+            or p.device != device
+            or p.grad is None
+            or not p.grad.is_contiguous()
+            or (isinstance(m, QuantizedState) and m.bits == 4)
+            # an inf in a one-scale 8-bit momentum needs the full path's NaN fix-up
+            or (opt.nonfinite == "propagate" and isinstance(m, QuantizedState) and m.block_size is None)
+        ):
+            return False
+    return True

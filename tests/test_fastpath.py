@@ -1,0 +1,271 @@
+"""The cached step plan (lionkit.fastpath): planned steps are bit-identical to full steps, and
+every change the plan relies on sends the step back to the full path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lionkit
+from lionkit import fastpath
+
+CONFIGS = {
+    "lion32": dict(cls=lionkit.Lion, kw={}),
+    "lion8-block": dict(cls=lionkit.Lion8bit, kw=dict(min_8bit_size=300)),
+    "lion8-tensor": dict(cls=lionkit.Lion8bit, kw=dict(min_8bit_size=300, block_wise=False)),
+    "lion32-clip-skip": dict(cls=lionkit.Lion, kw=dict(grad_clip_value=1e-3, args=None)),
+    "lion8-propagate": dict(cls=lionkit.Lion8bit, kw=dict(min_8bit_size=300, nonfinite="propagate")),
+}
+BACKENDS = ["torch", "auto"]
+
+
+def _model(dtype=torch.float32) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in ((40, 30), (1000,), (7,), (300, 3))]
+
+
+def _groups(params, schedule=False):
+    lr2 = (lambda k: 1e-2 / (1 + k)) if schedule else 5e-3
+    return [{"params": params[:2]}, {"params": params[2:], "lr": lr2, "weight_decay": 0.3}]
+
+
+def _set_grads(params, step, skip=()):
+    for i, p in enumerate(params):
+        if i in skip:
+            p.grad = None
+            continue
+        gen = torch.Generator().manual_seed(1000 * step + i)
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(p.dtype)
+        p.grad.view(-1)[:: 5 + i] = 0
+
+
+class Pair:
+    """The same optimizer twice: one may plan, the other never does."""
+
+    def __init__(self, monkeypatch, config="lion32", backend="torch", dtype=torch.float32, schedule=False, **extra):
+        spec = CONFIGS[config]
+        self.pa, self.pb = _model(dtype), _model(dtype)
+        kw = dict(lr=1e-2, weight_decay=0.1, backend=backend, **spec["kw"], **extra)
+        self.a = spec["cls"](_groups(self.pa, schedule), **kw)
+        self.b = spec["cls"](_groups(self.pb, schedule), **kw)
+        self.planned = 0
+        real = self.a._planned_step
+
+        def counting(plan):
+            done = real(plan)
+            self.planned += done
+            return done
+
+        monkeypatch.setattr(self.a, "_planned_step", counting)
+        self.b._planned_step = lambda plan: False  # the full path, every step
+
+    def step(self, k, skip=()):
+        _set_grads(self.pa, k, skip)
+        _set_grads(self.pb, k, skip)
+        self.a.step()
+        self.b.step()
+        self.check()
+
+    def both(self, fn):
+        fn(self.a, self.pa)
+        fn(self.b, self.pb)
+
+    def check(self):
+        for p, q in zip(self.pa, self.pb):
+            assert torch.equal(p.detach(), q.detach())
+            sa, sb = self.a.state.get(p, {}), self.b.state.get(q, {})
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                va, vb = sa[key], sb[key]
+                if torch.is_tensor(va):
+                    assert torch.equal(va, vb), key
+                else:
+                    assert va == vb, key
+        for ga, gb in zip(self.a.param_groups, self.b.param_groups):
+            assert {k: v for k, v in ga.items() if k != "params"} == {k: v for k, v in gb.items() if k != "params"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_planned_steps_are_bit_identical(monkeypatch, config, backend):
+    pair = Pair(monkeypatch, config, backend, schedule=True)
+    if config == "lion32-clip-skip":
+        for g in (*pair.a.param_groups, *pair.b.param_groups):
+            g["skip_zeros"] = True
+    for k in range(6):
+        pair.step(k)
+    assert pair.planned == 5  # every step after the first
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_planned_low_precision_and_fp32_grads(monkeypatch, dtype):
+    pair = Pair(monkeypatch, "lion8-block", "auto", dtype)
+    for k in range(4):
+        pair.step(k)
+    assert pair.planned == 3
+    for p in (*pair.pa, *pair.pb):  # fp32 gradients for low-precision weights: a new plan
+        p.grad_dtype = None
+    for k in range(4, 7):
+        for params in (pair.pa, pair.pb):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k * 10 + i)) * 1e-2
+        pair.a.step()
+        pair.b.step()
+        pair.check()
+    assert pair.planned == 3 + 2
+
+
+def test_lr_scheduler_and_changed_settings(monkeypatch):
+    pair = Pair(monkeypatch, "lion8-block", "auto")
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (pair.a, pair.b)]
+    for k in range(3):
+        pair.step(k)
+        for s in scheds:
+            s.step()
+    assert pair.planned == 2  # a new lr each step: still planned
+    # a changed setting: a full step, then planned again
+    pair.both(lambda o, ps: o.param_groups[1].update(weight_decay=0.0, betas=(0.8, 0.9)))
+    pair.step(3)
+    pair.step(4)
+    assert pair.planned == 3
+
+
+def test_gradients_appearing_and_disappearing(monkeypatch):
+    pair = Pair(monkeypatch, "lion8-block", "auto")
+    pair.step(0)
+    pair.step(1, skip=(2,))  # one gradient missing: full step
+    pair.step(2, skip=(2,))  # same set as before: planned
+    pair.step(3)  # it is back: full
+    pair.step(4)
+    assert pair.planned == 2
+
+
+def test_replaced_tensors_and_loaded_checkpoints(monkeypatch):
+    pair = Pair(monkeypatch, "lion8-block", "auto")
+    pair.step(0)
+    pair.step(1)
+    # a parameter's data replaced (same values, new memory)
+    pair.both(lambda o, ps: setattr(ps[1], "data", ps[1].data.clone()))
+    pair.step(2)
+    # a checkpoint loaded into both
+    sd_a, sd_b = pair.a.state_dict(), pair.b.state_dict()
+    pair.a.load_state_dict(sd_a)
+    pair.b.load_state_dict(sd_b)
+    pair.step(3)
+    # a state tensor replaced by hand
+    pair.both(lambda o, ps: o.state[ps[0]].__setitem__("state1", o.state[ps[0]]["state1"].clone()))
+    pair.step(4)
+    pair.step(5)
+    assert pair.planned == 2  # steps 1 and 5
+
+
+def test_overrides_and_new_groups(monkeypatch):
+    pair = Pair(monkeypatch, "lion8-block", "auto")
+    pair.step(0)
+    pair.step(1)
+    mng = lionkit.GlobalOptimManager.get_instance()
+    mng.override_config([pair.pa[1], pair.pb[1]], "optim_bits", 32)
+    pair.step(2)  # converted: full path; an override is present, so no plan after it either
+    pair.step(3)
+    mng.initialize()
+    extra_a, extra_b = torch.nn.Parameter(torch.ones(500)), torch.nn.Parameter(torch.ones(500))
+    pair.a.add_param_group({"params": [extra_a]})
+    pair.b.add_param_group({"params": [extra_b]})
+    pair.pa.append(extra_a)
+    pair.pb.append(extra_b)
+    pair.step(4)
+    pair.step(5)
+    assert pair.planned == 2  # steps 1 and 5
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_gradient_goes_to_the_full_path(monkeypatch, policy):
+    pair = Pair(monkeypatch, "lion8-block", "auto", nonfinite=policy)
+    pair.step(0)
+    pair.step(1)
+    before = [p.detach().clone() for p in pair.pa]
+    state = {k: v.clone() for k, v in pair.a.state[pair.pa[1]].items() if torch.is_tensor(v)}
+    _set_grads(pair.pa, 2)
+    pair.pa[1].grad[3] = math.nan
+    if policy == "raise":
+        with pytest.raises(lionkit.NonFiniteGradientError, match="parameter 1 of param group 0"):
+            pair.a.step()
+    else:
+        pair.a.step()
+        assert pair.a.skipped_steps == 1
+    assert all(torch.equal(p.detach(), b) for p, b in zip(pair.pa, before))
+    assert all(torch.equal(pair.a.state[pair.pa[1]][k], v) for k, v in state.items())
+    assert pair.planned == 1
+
+
+def test_bad_lr_is_refused_by_the_full_path(monkeypatch):
+    pair = Pair(monkeypatch, "lion32")
+    pair.step(0)
+    pair.step(1)
+    pair.a.param_groups[0]["lr"] = -1.0
+    _set_grads(pair.pa, 2)
+    with pytest.raises(ValueError, match="param group 0: Invalid learning rate: -1.0"):
+        pair.a.step()
+
+
+def test_failure_in_a_planned_kernel_marks_the_step_torn(monkeypatch):
+    pair = Pair(monkeypatch, "lion32", "auto")
+    pair.step(0)
+    plan = pair.a._plan
+    assert plan is not None
+
+    def boom(grads, hypers):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(plan, "run", boom)
+    _set_grads(pair.pa, 1)
+    with pytest.raises(RuntimeError, match="device lost"):
+        pair.a.step()
+    assert pair.a.torn is not None
+    with pytest.raises(RuntimeError, match="stopped part-way"):
+        pair.a.step()
+
+
+def test_not_planned_when_steps_need_per_step_work():
+    for kw in (dict(percentile_clipping=90), dict(grad_clip_norm=1.0), dict(stochastic_rounding=True)):
+        params = _model(torch.bfloat16 if "stochastic_rounding" in kw else torch.float32)
+        opt = lionkit.Lion8bit(params, lr=1e-3, min_8bit_size=300, **kw)
+        for k in range(2):
+            _set_grads(params, k)
+            opt.step()
+        assert opt._plan is None, kw
+    params = _model()
+    opt = lionkit.Lion4bit(params, lr=1e-3, min_8bit_size=300)
+    _set_grads(params, 0)
+    opt.step()
+    assert opt._plan is None
+    assert not fastpath.eligible(opt, [], [])
+
+
+def test_the_plan_keeps_no_gradient_alive():
+    import gc
+    import weakref
+
+    params = _model()
+    opt = lionkit.Lion8bit(params, lr=1e-3, min_8bit_size=300)
+    for k in range(3):
+        _set_grads(params, k)
+        opt.step()
+    assert opt._plan is not None
+    refs = [weakref.ref(p.grad) for p in params]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_changed_backend_setting_is_followed(monkeypatch):
+    pair = Pair(monkeypatch, "lion8-block", "auto")
+    pair.step(0)
+    pair.step(1)
+    pair.both(lambda o, ps: setattr(o, "backend", "torch"))
+    pair.step(2)
+    assert pair.a.backends_used["cpu"] == "torch"
+    pair.step(3)
+    assert pair.planned == 2

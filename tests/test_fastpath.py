@@ -84,7 +84,11 @@ class Pair:
                 else:
                     assert va == vb, key
         for ga, gb in zip(self.a.param_groups, self.b.param_groups):
-            assert {k: v for k, v in ga.items() if k != "params"} == {k: v for k, v in gb.items() if k != "params"}
+            assert ga.keys() == gb.keys()
+            for k in ga:
+                if k != "params":
+                    same = torch.equal(ga[k], gb[k]) if torch.is_tensor(ga[k]) else ga[k] == gb[k]
+                    assert same, k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,3 +273,49 @@ def test_changed_backend_setting_is_followed(monkeypatch):
     assert pair.a.backends_used["cpu"] == "torch"
     pair.step(3)
     assert pair.planned == 2
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_and_unpickled_optimizers_step_like_the_original(how):
+    """A copy keeps lionkit's settings (torch.optim keeps only groups and state) and builds its
+    own plan: the original's points at the original's tensors."""
+    import copy
+    import io
+
+    params = _model()
+    opt = lionkit.Lion8bit(_groups(params, schedule=False), lr=1e-2, min_8bit_size=300, nonfinite="skip")
+    for k in range(3):
+        _set_grads(params, k)
+        opt.step()
+    assert opt._plan is not None
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin._plan is None and twin.nonfinite == "skip" and twin.backend == opt.backend
+    tparams = [p for g in twin.param_groups for p in g["params"]]
+    for k in range(3, 6):
+        _set_grads(params, k)
+        _set_grads(tparams, k)
+        opt.step()
+        twin.step()
+    assert twin._plan is not None
+    for p, q in zip(params, tparams):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["state1"], twin.state[q]["state1"])
+    twin.state_dict()
+
+
+def test_group_keys_added_by_other_code_are_compared_safely(monkeypatch):
+    pair = Pair(monkeypatch, "lion32", "auto")
+    pair.step(0)
+    pair.both(lambda o, ps: o.param_groups[0].update(name="decoder", scale=torch.ones(3)))
+    pair.step(1)  # new keys: full step, then a plan again
+    pair.step(2)
+    pair.both(lambda o, ps: o.param_groups[0].update(scale=torch.ones(3)))  # a new tensor object
+    pair.step(3)
+    pair.step(4)
+    assert pair.planned == 2  # steps 2 and 4

@@ -84,7 +84,7 @@ class Plan:
         ):
             return None
         for g, plist, n, settings in zip(groups, self.plists, self.lens, self.settings):
-            if g["params"] is not plist or len(plist) != n or _settings(g) != settings:
+            if g["params"] is not plist or len(plist) != n or not _same_settings(g, settings):
                 return None
         grads: list[torch.Tensor] = []
         append = grads.append
@@ -166,6 +166,27 @@ def _settings(group: dict[str, Any]) -> dict[str, Any]:
     """A group's settings other than its parameters and learning rate."""
     return {k: v for k, v in group.items() if k != "params" and k != "lr"}
 
+
+def _same_settings(group: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether ``group`` still has ``settings`` (identity first; any value that cannot be
+    compared plainly, e.g. a tensor someone put into the group, counts as changed)."""
+    if len(group) - ("params" in group) - ("lr" in group) != len(settings):
+        return False
+    for key, old in settings.items():
+        new = group.get(key, _MISSING)
+        if new is old:
+            continue
+        if isinstance(new, torch.Tensor) or isinstance(old, torch.Tensor):
+            return False
+        try:
+            if new != old:
+                return False
+        except Exception:
+            return False
+    return True
+
+
+_MISSING = object()
 
 def eligible(opt: Any, plans: Sequence[tuple], moms: Sequence[Momentum]) -> bool:
     """Whether a full step just taken (its ``plans`` rows and momenta) can be replayed by a Plan."""

@@ -496,6 +496,19 @@ class _LionBase(torch.optim.Optimizer):
                 self.param_groups[gi]["lr"] = lrs[gi]
         return True
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles and deep-copies only defaults, state and param_groups;
+        # lionkit's own settings (backend, schedules, nonfinite policy, sr_seed, torn, its
+        # state-dict hooks) go along, so a copy steps and saves like the original. The step plan
+        # does not (it holds raw pointers to the original's tensors): a copy builds its own.
+        state = dict(self.__dict__)
+        state.pop("_plan", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plan = None
+
     def _sr_index(self) -> dict[int, int]:
         """id(p) -> the parameter's place in the optimizer (over all groups), for SR seeds."""
         params = (p for group in self.param_groups for p in group["params"])

@@ -47,6 +47,8 @@ def test_goals_are_judged_from_the_rows():
         "lionkit 8-bit compiled [fp32]": _row(0.012, 0.66, extra=20 * 2**20),
         "bnb Lion8bit [fp32]": _row(0.300, 0.05),
         "lion-pytorch [fp32]": _row(0.050, 0.2),
+        "lionkit 32-bit compiled [bf16]": _row(0.008, 0.80),
+        "DeepSpeed CPULion [bf16]": _row(0.009, 0.7),
     }
     goals = {g["goal"]: g for g in bench.evaluate_goals(rows, "cpu")}
     assert goals["fp32: 32-bit step >= 0.85 of ceiling"]["met"] is True
@@ -57,7 +59,9 @@ def test_goals_are_judged_from_the_rows():
     assert goals["fp32: >= 1x DeepSpeed CPULion (32-bit vs its step)"]["met"] is None  # not measured
     assert goals["extra memory of a step <= 16 MiB (worst lionkit fused variant)"]["met"] is False
     assert goals["cold start (first step, empty cache) <= 30 s"]["met"] is True
-    assert goals["bf16: 32-bit step >= 0.85 of ceiling"]["met"] is None
+    assert goals["bf16: 32-bit step >= 0.85 of ceiling"]["met"] is False
+    assert goals["bf16: >= 1x DeepSpeed CPULion (32-bit vs its step)"]["value"] == pytest.approx(9 / 8)
+    assert goals["bf16: 8-bit step >= 0.70 of ceiling"]["met"] is None  # not measured
 
 
 def test_quick_run_end_to_end(tmp_path, capsys):

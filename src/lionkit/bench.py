@@ -429,7 +429,7 @@ def evaluate_goals(rows: dict[str, dict], device: str) -> list[dict]:
         add(f"{dt}: 8-bit no slower than 32-bit (32-bit time / 8-bit time >= 1)", ratio,
             None if ratio is None else ratio >= 1.0, ".2f")
         for peer, bits, need in (("bnb Lion8bit", 8, 15.0), ("lion-pytorch", 32, 4.0), ("DeepSpeed CPULion", 32, 1.0)):
-            if peer == "DeepSpeed CPULion" and (device != "cpu" or dt != "fp32"):
+            if peer == "DeepSpeed CPULion" and device != "cpu":
                 continue
             ours, theirs = row(f"lionkit {bits}-bit {fast}", dt), row(peer, dt)
             x = theirs["step_s"] / ours["step_s"] if ours and theirs else None

@@ -282,7 +282,8 @@ def _fit_map(job: StudyJob) -> torch.Tensor:
             opt_box["opt"] = _make_opt(params, job.task, probe, None, 1000, job.lr)
             return opt_box["opt"]
 
-        tasks.train(_task(job.task, job.quick), build, seed=1000, steps=max(50, job.steps // 3), evals=1)
+        tasks.train(_task(job.task, job.quick), build, seed=1000, steps=max(50, job.steps // 3), evals=1,
+                    warmup_fraction=compare.HYPER[job.task].lion.warmup)
         opt = opt_box["opt"]
         samples = []
         for st in opt.state.values():
@@ -318,7 +319,8 @@ def run_study_job(job: StudyJob) -> dict[str, Any]:
         box["opt"] = _make_opt(params, job.task, variant, qmap, job.seed, job.lr)
         return box["opt"]
 
-    rec = tasks.train(_task(job.task, job.quick), build, seed=job.seed, steps=job.steps, config_name=job.variant)
+    rec = tasks.train(_task(job.task, job.quick), build, seed=job.seed, steps=job.steps, config_name=job.variant,
+                      warmup_fraction=compare.HYPER[job.task].lion.warmup)
     opt = box["opt"]
     return {
         "task": job.task, "variant": job.variant, "seed": job.seed,

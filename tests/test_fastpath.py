@@ -319,3 +319,27 @@ def test_group_keys_added_by_other_code_are_compared_safely(monkeypatch):
     pair.step(3)
     pair.step(4)
     assert pair.planned == 2  # steps 2 and 4
+
+
+def test_parameter_reinterpreted_in_place_takes_the_full_path(monkeypatch):
+    """Same memory, same shape, another dtype (bf16 bits read as fp16) while the gradients keep
+    their dtype (``grad_dtype``): not the planned step, which would read the bits as bf16."""
+    pair = Pair(monkeypatch, "lion8-block", "auto", torch.bfloat16)
+    pair.step(0)
+    pair.step(1)
+
+    def grads(params, k):
+        for i, p in enumerate(params):
+            gen = torch.Generator().manual_seed(1000 * k + i)
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(torch.bfloat16)
+
+    for params in (pair.pa, pair.pb):
+        params[1].data = params[1].data.view(torch.float16)
+        params[1].grad_dtype = torch.bfloat16
+    for k in (2, 3):
+        grads(pair.pa, k)
+        grads(pair.pb, k)
+        pair.a.step()
+        pair.b.step()
+        pair.check()
+    assert pair.planned == 2  # steps 1 and 3

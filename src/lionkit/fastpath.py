@@ -8,7 +8,7 @@ is known for the next one; only the gradients (new tensors every step) and the l
 change. ``Plan`` keeps the rest, and a step uses it only after checking, in a few attribute reads
 per parameter, that nothing it relies on moved:
 
-* the same param groups, parameters (identity, data pointer, shape), settings other than ``lr``,
+* the same param groups, parameters (identity, data pointer, shape, dtype), settings other than ``lr``,
   and per-parameter overrides (``GlobalOptimManager`` version);
 * every state dict, and the ``state1``/``absmax1`` tensors in it, the same objects;
 * every gradient present where it was, dense, contiguous, with the dtype, shape and device it had;
@@ -61,6 +61,7 @@ class Plan:
         self.absmax = [st.get("absmax1") for st in self.states]
         self.ptrs = [p.data_ptr() for p in self.params]
         self.shapes = [p.shape for p in self.params]
+        self.pdtypes = [p.dtype for p in self.params]
         self.gdtypes = [p.grad.dtype for p in self.params]
         self.moms = [m for _, _, _, m in items]
         self.steps = [st["step"] for st in self.states]  # each parameter's step count so far
@@ -91,8 +92,9 @@ class Plan:
         state_get = opt.state.get
         dev = self.device
         k = 0
-        params, states, s1, absmax, ptrs, shapes, gdtypes, steps = (
-            self.params, self.states, self.s1, self.absmax, self.ptrs, self.shapes, self.gdtypes, self.steps
+        params, states, s1, absmax, ptrs, shapes, gdtypes, steps, pdtypes = (
+            self.params, self.states, self.s1, self.absmax, self.ptrs, self.shapes, self.gdtypes, self.steps,
+            self.pdtypes,
         )
         for plist, had_grad in zip(self.plists, self.had_grad):
             for p, had in zip(plist, had_grad):
@@ -108,6 +110,7 @@ class Plan:
                 if (
                     p.data_ptr() != ptrs[k]
                     or p.shape != shape
+                    or p.dtype is not pdtypes[k]
                     or g.layout != _STRIDED
                     or g.dtype is not gdtypes[k]
                     or g.shape != shape

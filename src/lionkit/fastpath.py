@@ -24,6 +24,7 @@ different step counts in a group whose lr is a callable schedule. The result of 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -41,7 +42,7 @@ class Plan:
     def __init__(
         self,
         opt: Any,
-        items: Sequence[tuple[int, torch.Tensor, dict[str, Any], Momentum]],
+        items: Sequence[tuple[int, torch.Tensor, dict[str, Any], Momentum, StepHyper]],
         backend: Backend,
         device: torch.device,
     ) -> None:
@@ -51,19 +52,22 @@ class Plan:
         self.plists = [g["params"] for g in groups]
         self.lens = [len(g["params"]) for g in groups]
         self.settings = [_settings(g) for g in groups]
-        with_grad = {id(p) for _, p, _, _ in items}
+        with_grad = {id(p) for _, p, _, _, _ in items}
         # per group, per parameter: whether it had a gradient
         self.had_grad = [[id(p) in with_grad for p in g["params"]] for g in groups]
-        self.group_idx = [gi for gi, _, _, _ in items]
-        self.params = [p for _, p, _, _ in items]
-        self.states = [st for _, _, st, _ in items]
+        self.group_idx = [gi for gi, _, _, _, _ in items]
+        self.params = [p for _, p, _, _, _ in items]
+        self.states = [st for _, _, st, _, _ in items]
         self.s1 = [st["state1"] for st in self.states]
         self.absmax = [st.get("absmax1") for st in self.states]
         self.ptrs = [p.data_ptr() for p in self.params]
         self.shapes = [p.shape for p in self.params]
         self.pdtypes = [p.dtype for p in self.params]
         self.gdtypes = [p.grad.dtype for p in self.params]
-        self.moms = [m for _, _, _, m in items]
+        self.moms = [m for _, _, _, m, _ in items]
+        # the full step's hyperparameters, one per group (its parameters share them: no overrides,
+        # clipping, stochastic rounding or 4-bit keys in a plan); a planned step changes only lr
+        self.group_hyper = {gi: hp for gi, _, _, _, hp in items}
         self.steps = [st["step"] for st in self.states]  # each parameter's step count so far
         # a scheduled group's parameters share one step count (``eligible``): its lr's argument
         self.group_step = {gi: st for gi, st in zip(self.group_idx, self.steps)}
@@ -131,13 +135,7 @@ class Plan:
         groups; the same list object while the lrs do not change."""
         key = tuple(lrs.values())
         if key != self._hyper_key:
-            by_group = {}
-            for gi, lr in lrs.items():
-                group = self.settings[gi]
-                beta1, beta2 = group["betas"]
-                by_group[gi] = StepHyper(
-                    lr, beta1, beta2, group["weight_decay"], 1.0, group["grad_clip_value"], group["skip_zeros"]
-                )
+            by_group = {gi: replace(self.group_hyper[gi], lr=lr) for gi, lr in lrs.items()}
             self._hypers = [by_group[gi] for gi in self.group_idx]
             self._hyper_key = key
         return self._hypers
@@ -202,7 +200,6 @@ def eligible(opt: Any, plans: Sequence[tuple], moms: Sequence[Momentum]) -> bool
             return False
         if (
             cfg is not group  # per-parameter overrides
-            or not all(k in group for k in ("betas", "weight_decay", "grad_clip_value", "skip_zeros"))
             or cfg["percentile_clipping"] < 100
             or type(p) not in (torch.Tensor, torch.nn.Parameter)
             or p.is_complex()

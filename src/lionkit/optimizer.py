@@ -455,7 +455,7 @@ class _LionBase(torch.optim.Optimizer):
             raise
         if fastpath.eligible(self, plans, plan_moms):
             device = plans[0][2].device
-            rows = [(gi, p, self.state[p], m) for (gi, _, p, *_), m in zip(plans, plan_moms)]
+            rows = [(gi, p, self.state[p], m, hp) for (gi, _, p, *_), m, hp in zip(plans, plan_moms, hypers)]
             self._plan = fastpath.Plan(self, rows, backends[device], device)
         return loss
 

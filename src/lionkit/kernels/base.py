@@ -20,38 +20,36 @@ def fused_momentum_ok(p: torch.Tensor, m: Momentum, four_bit: bool = False) -> b
     and one scale per block (the kernels write that many), or (``four_bit``: for kernels that
     have it) 4-bit codes in quant4's layout; all contiguous, on ``p``'s device, with ``p``'s
     element count."""
-    if isinstance(m, QuantizedState) and m.bits == 4:
-        n = p.numel()
-        return (
-            four_bit
-            and m.block_size == quant4.BLOCK_SIZE
-            and m.size() == n
-            and m.codes.dtype == torch.uint8
-            and m.codes.is_contiguous()
-            and m.codes.device == p.device
-            and m.codes.numel() == quant4.packed_numel(n)
-            and m.absmax.dtype == torch.float32
-            and m.absmax.device == p.device
-            and m.absmax.is_contiguous()
-            and m.absmax.numel() == quant.num_blocks(n, quant4.BLOCK_SIZE)
-            and m.qmap.dtype == torch.float32
-            and m.qmap.device == p.device
-            and m.qmap.is_contiguous()
-            and m.qmap.numel() == quant4.MAP_SIZE
-        )
     if isinstance(m, QuantizedState):
+        n = p.numel()
+        if m.bits == 4:
+            layout = (
+                four_bit
+                and m.block_size == quant4.BLOCK_SIZE
+                and m.size() == n
+                and m.codes.numel() == quant4.packed_numel(n)
+                # the kernels read the 15 levels from the map tensor itself
+                and m.qmap.dtype == torch.float32
+                and m.qmap.device == p.device
+                and m.qmap.is_contiguous()
+                and m.qmap.numel() == quant4.MAP_SIZE
+            )
+        else:
+            layout = (
+                m.bits == 8
+                and m.block_size in (None, quant.BLOCK_SIZE)
+                and m.codes.numel() == n
+                and quant_fast.kernel_constants_of(m.qmap) is not None
+            )
         return (
-            m.bits == 8
-            and m.block_size in (None, quant.BLOCK_SIZE)
+            layout
             and m.codes.dtype == torch.uint8
             and m.codes.is_contiguous()
             and m.codes.device == p.device
-            and m.codes.numel() == p.numel()
             and m.absmax.dtype == torch.float32
             and m.absmax.device == p.device
             and m.absmax.is_contiguous()
-            and m.absmax.numel() == quant.num_blocks(p.numel(), m.block_size)
-            and quant_fast.kernel_constants_of(m.qmap) is not None
+            and m.absmax.numel() == quant.num_blocks(n, m.block_size)
         )
     return m.dtype == torch.float32 and m.is_contiguous() and m.device == p.device and m.numel() == p.numel()
 

@@ -282,3 +282,23 @@ def test_normalisation_at_the_underflow_tie(backend):
         x = torch.cat([x, torch.tensor([scale], dtype=torch.float32)])
         want = quant.nearest_code(x / torch.tensor(scale, dtype=torch.float32), QMAP)
         assert torch.equal(compiled.quantize(x, QMAP, scalar=scalar, scale=scale), want), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_map_not_symmetric_equals_torch_backend(backend, dtype):
+    # the AVX-512 kernel decodes the (symmetric) dynamic map from 128 magnitudes; any other map
+    # with a bucket table takes its general lookup, and must give the same results
+    qmap = quant.dynamic_map().clone()
+    qmap[27] = (qmap[26] + 3 * qmap[27]) / 4  # a common code (|value| ~ 0.56) moved by a quarter step
+    assert quant_fast.kernel_constants(qmap)[quant_fast.HDR_SYM] == 0
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(4097, generator=gen).to(dtype)
+    g = (torch.randn(4097, generator=gen) * 1e-2).to(dtype)
+    m = QuantizedState.from_float(torch.randn(4097, generator=gen) * 1e-2, quant.BLOCK_SIZE, qmap)
+    p_ref, m_ref = p.clone(), clone_mom(m)
+    hp = StepHyper(**HYPERS["wd"])
+    for k in range(3):
+        TorchBackend().step_many([p_ref], [g], [m_ref], [hp])
+        backend.step_many([p], [g], [m], [hp])
+        assert_same(p_ref, p, m_ref, m, f"step {k + 1}")
+    assert backend.supports(p, m)

@@ -88,8 +88,40 @@ def test_kernel_constants_layout():
     assert qc[0] == quant_fast.MAGIC
     assert (qc[quant_fast.HDR_KEY0], qc[quant_fast.HDR_NB], qc[quant_fast.HDR_ZERO]) == (table.key0, table.nb, 127)
     assert np.array_equal(qc[quant_fast.QMAP_AT : quant_fast.QMAP_AT + 256].view(np.float32), QMAP.numpy())
-    assert np.array_equal(qc[quant_fast.LUT_AT :], table.lut)
+    assert np.array_equal(qc[quant_fast.LUT_AT : quant_fast.LUT_AT + 2 * table.nb], table.lut)
+    assert np.array_equal(qc[quant_fast.LUT_AT + 2 * table.nb :], quant_fast.code_table(table))
+    assert qc[quant_fast.HDR_SYM] == 1  # the dynamic map is symmetric around its zero code
     assert not qc.flags.writeable
+
+
+def _codes_by_code_table(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """code_table's rule written out in int64 (what the AVX-512 kernel computes)."""
+    table = quant_fast.bucket_table(qmap)
+    entries = torch.from_numpy(quant_fast.code_table(table).astype(np.int64))
+    b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign = b >> 31
+    twice = ((b >> 16) & 0x7FFF) * 2 + sign
+    key = (twice - 2 * table.key0).clamp(min=0) | sign
+    low = b & 0xFFFF
+    low = torch.where(sign == 1, ~low & 0xFFFFFFFF, low)
+    code = ((entries[key] + low) & 0xFFFFFFFF) >> 17
+    return torch.where((b & 0x7FFFFFFF) == 0, torch.full_like(code, table.zero), code)
+
+
+def test_code_table_rule_equals_nearest_code():
+    near = quant_fast.near_thresholds(QMAP)
+    strided = torch.arange(0, quant_fast.ONE_BITS + 1, 4099, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    tiny = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1.0, -1.0])
+    for x in (near, torch.cat([strided, -strided]), tiny):
+        assert torch.equal(_codes_by_code_table(x, QMAP), quant.nearest_code(x, QMAP).to(torch.int64))
+
+
+def test_symmetry_flag():
+    bits = QMAP.numpy().view(np.uint32)
+    assert quant_fast._symmetric(bits, 127)
+    qmap = QMAP.clone()
+    qmap[100] = torch.nextafter(qmap[100], torch.tensor(0.0))  # one negative code moved by an ulp
+    assert quant_fast.kernel_constants(qmap)[quant_fast.HDR_SYM] == 0
 
 
 @pytest.mark.skipif(not EXHAUSTIVE, reason="all 2.1e9 floats take minutes: set LIONKIT_EXHAUSTIVE=1")

@@ -23,7 +23,9 @@ orders it last.
 Cost: ~10 vector instructions and one gather from a 19 KiB table per 16 elements (0.7 cycles
 per element on AVX-512), against ~1.4 cycles for the arithmetic alternative (decade from 7
 comparisons, index from a multiply-subtract and a floor, fix-up next to each decision point),
-which was built, checked and measured first.
+which was built, checked and measured first. The AVX-512 kernel uses ``code_table``, the same
+table with the codes and the comparison folded into each entry (the signs interleaved): the
+code is then one addition and one shift after the gather.
 
 The result equals ``quant.nearest_code`` exactly for every float32 in [-1, 1]:
 ``check_exhaustive`` compares all 2,130,706,434 of them (``python -m lionkit.quant_fast``:
@@ -64,9 +66,11 @@ LOW_BITS = 17  # entry = FIRST << 17 | LOW, LOW in [0, 65536]
 NO_THRESHOLD = 1 << 16
 
 # Layout of ``kernel_constants`` (uint32 words; mirrored in lion_cpu.cpp and triton_lion.py).
-HDR_KEY0, HDR_NB, HDR_ZERO = 1, 2, 3
+HDR_KEY0, HDR_NB, HDR_ZERO, HDR_SYM = 1, 2, 3, 4
 QMAP_AT = 16  # 256 float32 bit patterns
 LUT_AT = QMAP_AT + 256  # 2 * NB entries: positive half, then negative half
+# then (at LUT_AT + 2 * NB) the same table as code-valued entries, signs interleaved, for the
+# AVX-512 kernel (see code_table)
 MAGIC = 0x4C4B5131  # "LKQ1"
 
 
@@ -135,22 +139,58 @@ def bucket_table(qmap: torch.Tensor) -> Optional[BucketTable]:
     return None if key is None else _table_for(key)
 
 
+def code_table(table: BucketTable) -> np.ndarray:
+    """The bucket table with each entry turned into codes, the two signs interleaved (entry
+    ``2 * key + sign``), so that a code costs one addition and one shift::
+
+        code = (entry + low) >> 17,   low = bits(x) & 0xFFFF  for x > 0,  ~(bits(x) & 0xFFFF)  for x < 0
+
+    Positive entry: ``A << 17 | (2**17 - LOW)`` with ``A = zero + 1 + FIRST``: adding ``low``
+    carries into the code exactly when ``low >= LOW``. Negative entry: ``A << 17 | LOW`` with
+    ``A = zero - 1 - FIRST``: adding ``~low = -low - 1`` borrows from the code exactly when
+    ``low >= LOW``. (LOW = 65536, no threshold in the bucket: never.) x = +-0 is the caller's
+    (the zero code); every other x in [-1, 1], denormals included, is covered."""
+    first = (table.lut >> LOW_BITS).astype(np.int64)
+    low = (table.lut & ((1 << LOW_BITS) - 1)).astype(np.int64)
+    nb = table.nb
+    pos = ((table.zero + 1 + first[:nb]) << LOW_BITS) + ((1 << LOW_BITS) - low[:nb])
+    neg = ((table.zero - 1 - first[nb:]) << LOW_BITS) + low[nb:]
+    out = np.empty(2 * nb, dtype=np.int64)
+    out[0::2], out[1::2] = pos, neg
+    assert out.min() >= 0 and out.max() < 2**32
+    return out.astype(np.uint32)
+
+
+def _symmetric(bits: np.ndarray, zero: int) -> bool:
+    """The map is -m[zero - j] == m[zero + j] (j = 1..zero), m[zero] = +0, positive above zero,
+    with one more positive code at the top (the dynamic map): the AVX-512 kernel then decodes
+    magnitudes from a 128-entry table (flag HDR_SYM)."""
+    if zero != 127 or bits[127] != 0:
+        return False
+    up, down = bits[128:255], bits[126::-1]
+    return bool(np.all(up >> 31 == 0) and np.all(down == up | 0x80000000) and bits[255] >> 31 == 0)
+
+
 @functools.lru_cache(maxsize=8)
 def _kernel_constants_for(key: bytes) -> Optional[np.ndarray]:
     table = _table_for(key)
     if table is None:
         return None
-    out = np.zeros(LUT_AT + 2 * table.nb, dtype=np.uint32)
+    out = np.zeros(LUT_AT + 4 * table.nb, dtype=np.uint32)
+    bits = np.frombuffer(key, dtype=np.uint32)
     out[0], out[HDR_KEY0], out[HDR_NB], out[HDR_ZERO] = MAGIC, table.key0, table.nb, table.zero
-    out[QMAP_AT : QMAP_AT + 256] = np.frombuffer(key, dtype=np.uint32)
-    out[LUT_AT:] = table.lut
+    out[HDR_SYM] = int(_symmetric(bits, table.zero))
+    out[QMAP_AT : QMAP_AT + 256] = bits
+    out[LUT_AT : LUT_AT + 2 * table.nb] = table.lut
+    out[LUT_AT + 2 * table.nb :] = code_table(table)
     out.setflags(write=False)
     return out
 
 
 def kernel_constants(qmap: torch.Tensor) -> Optional[np.ndarray]:
-    """One read-only uint32 array for the kernels: header (magic, key0, nb, zero code), the map
-    (float32 bits, at ``QMAP_AT``) and the table (at ``LUT_AT``); None if the map has no table."""
+    """One read-only uint32 array for the kernels: header (magic, key0, nb, zero code, symmetric
+    map), the map (float32 bits, at ``QMAP_AT``), the table (at ``LUT_AT``) and its code-valued
+    form (``code_table``, after it); None if the map has no table."""
     key = _map_key(qmap)
     return None if key is None else _kernel_constants_for(key)
 

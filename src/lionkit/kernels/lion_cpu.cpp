@@ -15,7 +15,8 @@
 //
 // Quantization uses quant_fast's bucket table: the top 15 bits of |x| index a table whose
 // entry holds the number of thresholds below the bucket and the low 16 bits of the (at most
-// one) threshold inside it; one integer comparison finishes the job. Exact for every float32
+// one) threshold inside it; one integer comparison finishes the job (the AVX-512 code uses its
+// code-valued form, quant_fast.code_table: an addition and a shift). Exact for every float32
 // in [-1, 1] (checked exhaustively by quant_fast.check_exhaustive through lk_quantize).
 
 #include <cmath>
@@ -46,19 +47,22 @@ constexpr int LK_MAP4 = 15;        // levels of the 4-bit map; code 7 is 0
 
 // Layout of the constants (uint32 words; quant_fast.kernel_constants builds them).
 constexpr uint32_t QC_MAGIC = 0x4C4B5131;
-constexpr int QC_KEY0 = 1, QC_NB = 2, QC_ZERO = 3, QC_QMAP = 16, QC_LUT = 16 + 256;
+constexpr int QC_KEY0 = 1, QC_NB = 2, QC_ZERO = 3, QC_SYM = 4, QC_QMAP = 16, QC_LUT = 16 + 256;
 
 // Per-tensor scalars, already rounded to fp32 the way the reference rounds them.
 struct Hyper {
   float lr, b1, omb1, b2, omb2, decay, gscale, clip;
 };
 
-struct Quant {  // the bucket table and the map
+struct Quant {  // the bucket table (and its code-valued form, quant_fast.code_table) and the map
   const float* qmap;
   const uint32_t* lut;
+  const uint32_t* lut2;
   uint32_t key0, nb, zero;
+  bool sym;  // -m[127 - j] == m[127 + j]: magnitudes decode from 128 entries
   explicit Quant(const uint32_t* qc)
-      : qmap((const float*)(qc + QC_QMAP)), lut(qc + QC_LUT), key0(qc[QC_KEY0]), nb(qc[QC_NB]), zero(qc[QC_ZERO]) {}
+      : qmap((const float*)(qc + QC_QMAP)), lut(qc + QC_LUT), lut2(qc + QC_LUT + 2 * qc[QC_NB]), key0(qc[QC_KEY0]),
+        nb(qc[QC_NB]), zero(qc[QC_ZERO]), sym(qc[QC_SYM] == 1) {}
 };
 
 struct Tensor {
@@ -396,23 +400,25 @@ inline V step8_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, const uint
 }
 
 #ifdef __AVX512VBMI__
-// Map lookup of 64 codes without a gather: each byte of the fp32 map values is a 256-entry
-// byte table (4 registers), looked up for 64 codes at once with two vpermi2b and a blend on
-// the code's top bit; four such byte planes are interleaved back into 64 floats. The codes
-// are pre-permuted so that the interleave (which works within 128-bit lanes) yields elements
-// in order. ~22 instructions per 64 codes instead of 4 gathers, which stall the core while
-// the stream of p and g is in flight.
+// Map lookup of 64 codes without a gather, for a map symmetric around its zero code 127 (the
+// dynamic map; quant_fast flags it): each byte of the fp32 magnitudes |m[127 + j]| (j = 1..127,
+// with m[255] at j = 0) is a 128-entry byte table in two registers, looked up for 64 codes at
+// once with one vpermi2b by |c - 127| (as a byte: c = 255 wraps to 128, i.e. entry 0), zeroed
+// for c = 127, the sign bit set for c < 127; the four byte planes are interleaved back into 64
+// floats. The codes are pre-permuted so that the interleave (which works within 128-bit lanes)
+// yields elements in order. ~20 instructions per 64 codes instead of 4 gathers, which stall
+// the core while the stream of p and g is in flight.
 struct VDeq {
-  __m512i t[4][4];  // [byte plane][64-entry quarter]
-  __m512i perm;
-  explicit VDeq(const Quant& q) {
-    alignas(64) uint8_t planes[4][256];
-    for (int c = 0; c < 256; ++c) {
-      uint32_t u = f_bits(q.qmap[c]);
-      for (int b = 0; b < 4; ++b) planes[b][c] = (uint8_t)(u >> (8 * b));
+  __m512i t[4][2];  // [byte plane][64-entry half]
+  __m512i perm, c127, sign;
+  explicit VDeq(const Quant& q) : c127(_mm512_set1_epi8(127)), sign(_mm512_set1_epi8((char)0x80)) {
+    alignas(64) uint8_t planes[4][128];
+    for (int j = 0; j < 128; ++j) {
+      uint32_t u = f_bits(q.qmap[j == 0 ? 255 : 127 + j]);
+      for (int b = 0; b < 4; ++b) planes[b][j] = (uint8_t)(u >> (8 * b));
     }
     for (int b = 0; b < 4; ++b)
-      for (int k = 0; k < 4; ++k) t[b][k] = _mm512_load_si512(planes[b] + 64 * k);
+      for (int k = 0; k < 2; ++k) t[b][k] = _mm512_load_si512(planes[b] + 64 * k);
     alignas(64) uint8_t pm[64];
     for (int r = 0; r < 4; ++r)
       for (int lane = 0; lane < 4; ++lane)
@@ -421,14 +427,15 @@ struct VDeq {
   }
   // map values of codes[0..63] into out[0..3] (elements 0-15, 16-31, 32-47, 48-63)
   inline void lookup(const uint8_t* codes, V out[4]) const {
-    __m512i idx = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(codes));
-    __mmask64 upper = _mm512_movepi8_mask(idx);  // code >= 128
+    const __m512i c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(codes));
+    const __m512i d = _mm512_sub_epi8(c, c127);
+    const __m512i j = _mm512_abs_epi8(d);
+    const __mmask64 nz = _mm512_test_epi8_mask(d, d), neg = _mm512_cmplt_epu8_mask(c, c127);
     __m512i pl[4];
-    for (int b = 0; b < 4; ++b)
-      pl[b] = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(t[b][0], idx, t[b][1]),
-                                     _mm512_permutex2var_epi8(t[b][2], idx, t[b][3]));
-    __m512i w01l = _mm512_unpacklo_epi8(pl[0], pl[1]), w01h = _mm512_unpackhi_epi8(pl[0], pl[1]);
-    __m512i w23l = _mm512_unpacklo_epi8(pl[2], pl[3]), w23h = _mm512_unpackhi_epi8(pl[2], pl[3]);
+    for (int b = 0; b < 4; ++b) pl[b] = _mm512_maskz_permutex2var_epi8(nz, t[b][0], j, t[b][1]);
+    pl[3] = _mm512_mask_add_epi8(pl[3], neg, pl[3], sign);
+    const __m512i w01l = _mm512_unpacklo_epi8(pl[0], pl[1]), w01h = _mm512_unpackhi_epi8(pl[0], pl[1]);
+    const __m512i w23l = _mm512_unpacklo_epi8(pl[2], pl[3]), w23h = _mm512_unpackhi_epi8(pl[2], pl[3]);
     out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l));
     out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l));
     out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h));
@@ -470,29 +477,31 @@ float run8_vec(void* pv, const void* gv, const uint8_t* codes, float sold, int64
                  : run8_vec_t<PT, GT, GSC, SKIP, false>(pv, gv, codes, sold, n0, n1, hs, q, buf);
 }
 
+// Codes of 16 values in [-1, 1] with the code-valued table (quant_fast.code_table): the key
+// is the top 15 bits of |x| and the sign (2 * key + sign, saturating at bucket 0), the entry
+// plus the low 16 bits of x (complemented when negative) shifted right by 17 is the code; +-0
+// gets the zero code. 9 instructions and one gather per 16 values.
 struct VQuant {
-  __m512i key0, top, nb, z, zp, zm, one, low16, low17, absm;
-  const int* lut;
+  __m512i key2, one, low16, absm, zc;
+  const int* lut2;
   explicit VQuant(const Quant& q)
-      : key0(_mm512_set1_epi32((int)q.key0)), top(_mm512_set1_epi32((int)q.nb - 1)), nb(_mm512_set1_epi32((int)q.nb)),
-        z(_mm512_set1_epi32((int)q.zero)), zp(_mm512_set1_epi32((int)q.zero + 1)),
-        zm(_mm512_set1_epi32((int)q.zero - 1)), one(_mm512_set1_epi32(1)), low16(_mm512_set1_epi32(0xFFFF)),
-        low17(_mm512_set1_epi32(0x1FFFF)), absm(_mm512_set1_epi32(0x7FFFFFFF)), lut((const int*)q.lut) {}
-  // codes (int32 lanes) of 16 finite values in [-1, 1]
+      : key2(_mm512_set1_epi32(2 * (int)q.key0)), one(_mm512_set1_epi32(1)), low16(_mm512_set1_epi32(0xFFFF)),
+        absm(_mm512_set1_epi32(0x7FFFFFFF)), zc(_mm512_set1_epi32((int)q.zero)), lut2((const int*)q.lut2) {}
   __m512i codes(V x) const {
-    const V zero = _mm512_setzero_ps();
-    __m512i b = _mm512_and_si512(_mm512_castps_si512(x), absm);
-    __mmask16 neg = _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), pos = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ);
-    // bucket of the top 15 bits (saturating: small values share bucket 0), per sign
-    __m512i key = _mm512_min_epu32(_mm512_subs_epu16(_mm512_srli_epi32(b, 16), key0), top);
-    key = _mm512_mask_add_epi32(key, neg, key, nb);
-    __m512i e = _mm512_i32gather_epi32(key, lut, 4);
-    // thresholds below the bucket, plus one if |x| is at or past the one inside it
-    __m512i j = _mm512_srli_epi32(e, 17);
-    __mmask16 ge = _mm512_cmp_epu32_mask(_mm512_and_si512(b, low16), _mm512_and_si512(e, low17), _MM_CMPINT_NLT);
-    j = _mm512_mask_add_epi32(j, ge, j, one);
-    __m512i code = _mm512_mask_add_epi32(z, pos, zp, j);
-    return _mm512_mask_sub_epi32(code, neg, zm, j);
+    const __m512i xb = _mm512_castps_si512(x);
+#ifdef __AVX512VBMI2__
+    // each 16-bit half rotated left by one: the high half becomes top15(|x|) << 1 | sign
+    const __m512i hv = _mm512_srli_epi32(_mm512_shldi_epi16(xb, xb, 1), 16);
+#else
+    const __m512i hv = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(_mm512_and_si512(xb, absm), 16), 1),
+                                       _mm512_srli_epi32(xb, 31));
+#endif
+    // saturating: keys at or below key0 share bucket 0 of their sign (hv | sign restores it)
+    const __m512i key = _mm512_ternarylogic_epi32(_mm512_subs_epu16(hv, key2), hv, one, 0xF8 /* a | (b & c) */);
+    const __m512i e = _mm512_i32gather_epi32(key, lut2, 4);
+    const __m512i low = _mm512_ternarylogic_epi32(xb, low16, _mm512_srai_epi32(xb, 31), 0x6A /* (a & b) ^ c */);
+    const __m512i code = _mm512_srli_epi32(_mm512_add_epi32(e, low), 17);
+    return _mm512_mask_mov_epi32(code, _mm512_testn_epi32_mask(xb, absm), zc);
   }
 };
 
@@ -531,6 +540,11 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
 #ifdef __AVX512VBMI__
   const VDeq deq(q);
 #endif
+  const bool sym = q.sym;
+  // 64 codes packed from four vectors of 16 by two in-lane packs hold, in 128-bit lane L,
+  // codes 4L..4L+3 of each vector: one dword permutation puts them back in element order
+  const __m512i packed = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
   int cur = 0;
   int64_t prev0 = -1, prev_len = 0;
   float s_prev = 0.0f;
@@ -546,27 +560,33 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
     }
     const V sold = _mm512_set1_ps(len ? absmax[b0 / LK_BLOCK] : 0.0f);
     const V sq = _mm512_set1_ps(s_prev);
-    V amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+    // max |m_new| as the max of the bit patterns of |m_new|: those of NaN and inf are above
+    // every finite one, so the rare non-finite block is seen without a second reduction
+    __m512i amax = _mm512_setzero_si512();
     if (len == LK_BLOCK && (qlen == 0 || qlen == LK_BLOCK)) {  // the common case: whole blocks
       for (int64_t i = 0; i < LK_BLOCK; i += 64) {
         V mq[4];
 #ifdef __AVX512VBMI__
-        deq.lookup(codes + b0 + i, mq);
-#else
-        for (int r = 0; r < 4; ++r)
-          mq[r] = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b0 + i + 16 * r))),
-                                      q.qmap, 4);
+        if (sym) {
+          deq.lookup(codes + b0 + i, mq);
+        } else
 #endif
+        {
+          for (int r = 0; r < 4; ++r)
+            mq[r] = _mm512_i32gather_ps(
+                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b0 + i + 16 * r))), q.qmap, 4);
+        }
+        __m512i cv[4];
         for (int r = 0; r < 4; ++r) {
           const int64_t o = i + 16 * r;
           V mn = step8_16m<PT, GT, GSC, SKIP, true>(p + b0 + o, g + b0 + o, mq[r], sold, h, 0xFFFF);
           _mm512_store_ps(bn + o, mn);
-          amax = _mm512_max_ps(_mm512_abs_ps(mn), amax);
-          sum = _mm512_add_ps(sum, mn);
-          if (qlen) {
-            V x = _mm512_div_ps(_mm512_load_ps(bp + o), sq);  // IEEE division, as the reference
-            _mm_storeu_si128((__m128i*)(codes + prev0 + o), _mm512_cvtepi32_epi8(vq.codes(x)));
-          }
+          amax = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(mn), absm), amax);
+          if (qlen) cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));  // IEEE division, as the reference
+        }
+        if (qlen) {
+          const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(cv[0], cv[1]), _mm512_packus_epi32(cv[2], cv[3]));
+          _mm512_storeu_si512(codes + prev0 + i, _mm512_permutexvar_epi32(packed, b));
         }
       }
     } else {  // a partial block on either side
@@ -575,8 +595,7 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
           __mmask16 k = tail_mask(len - i);
           V mn = step8_16<PT, GT, GSC, SKIP, true>(p + b0 + i, g + b0 + i, codes + b0 + i, sold, h, q.qmap, k);
           _mm512_store_ps(bn + i, mn);
-          amax = _mm512_max_ps(_mm512_abs_ps(mn), amax);
-          sum = _mm512_add_ps(sum, mn);
+          amax = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(mn), absm), amax);
         }
         if (i < qlen) {
           __mmask16 k = tail_mask(qlen - i);
@@ -587,9 +606,10 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
     }
     if (prev0 >= 0) absmax[prev0 / LK_BLOCK] = s_prev;
     if (!len) break;
-    float s = _mm512_reduce_max_ps(amax);
-    if (!std::isfinite(_mm512_reduce_add_ps(sum))) s = absmax_exact(bn, len);  // the NaN rule, rarely
-    if (std::isinf(s)) s = NAN;  // as quant.block_absmax: 8 bits cannot hold inf, the block decodes to NaN
+    const uint32_t sbits = (uint32_t)_mm512_reduce_max_epu32(amax);
+    // NaN or inf (the NaN rule, rarely): as quant.block_absmax, 8 bits cannot hold inf, the
+    // block decodes to NaN
+    const float s = sbits < 0x7F800000u ? bits_f(sbits) : NAN;
     prev0 = b0;
     prev_len = len;
     s_prev = s;

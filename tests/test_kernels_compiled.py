@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernel_cases import DTYPES, HYPERS, assert_same, clone_mom, make_case, run_multi, run_pair
-from lionkit import Lion, Lion8bit, kernels, quant, quant4, quant_fast, reference
+from lionkit import Lion, Lion8bit, kernels, quant, quant4, quant_fast, reference, rounding
 from lionkit.kernels import compiled
 from lionkit.kernels.base import StepHyper
 from lionkit.kernels.torch_eager import TorchBackend
@@ -209,10 +209,15 @@ def test_optimizer_uses_and_reports_it(cls, kw):
     slow = cls(clone.parameters(), lr=1e-3, weight_decay=0.1, backend="torch", **kw)
     x = torch.randn(64, 40)
     for _ in range(3):
-        for net, opt in ((model, fast), (clone, slow)):
-            opt.zero_grad()
-            net(x).square().mean().backward()
-            opt.step()
+        fast.zero_grad()
+        slow.zero_grad()
+        model(x).square().mean().backward()
+        # the same gradients for both (two backward passes of identical models can differ in
+        # the last bits: torch's matmul depends on memory alignment)
+        for a, b in zip(model.parameters(), clone.parameters()):
+            b.grad = a.grad.clone()
+        fast.step()
+        slow.step()
     assert fast.backends_used == {"cpu": "compiled"} and slow.backends_used == {"cpu": "torch"}
     for a, b in zip(model.parameters(), clone.parameters()):
         assert torch.equal(a, b)
@@ -302,3 +307,40 @@ def test_map_not_symmetric_equals_torch_backend(backend, dtype):
         backend.step_many([p], [g], [m], [hp])
         assert_same(p_ref, p, m_ref, m, f"step {k + 1}")
     assert backend.supports(p, m)
+
+
+# ------------------------------------------------------------------ stochastic rounding (bf16)
+SR_HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, stochastic_rounding=True, seed=2**62 + 12345,
+                mseed=99)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32], ids=["g_bf16", "g_fp32"])
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_stochastic_rounding_equals_torch_backend(backend, bits, block_wise, grad_dtype):
+    # the kernel rounds a bf16 parameter stochastically with rounding.counter_hash's numbers:
+    # the same bits as TorchBackend, over sizes across blocks and 32K-element chunks
+    for shape in [(1,), (4097,), (70001,)]:
+        run_pair(backend, shape, torch.bfloat16, bits, block_wise, SR_HYPER, steps=2, grad_dtype=grad_dtype)
+    # and it is not rounding to nearest in disguise: the same step without SR ends elsewhere
+    p, g, m = make_case((4097,), torch.bfloat16, bits, block_wise)
+    p_sr, m_sr = p.clone(), clone_mom(m)
+    backend.step_many([p_sr], [g], [m_sr], [StepHyper(**SR_HYPER)])
+    backend.step_many([p], [g], [m], [StepHyper(**{**SR_HYPER, "stochastic_rounding": False})])
+    assert not torch.equal(p_sr, p)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["native", "scalar"])
+def test_stochastic_rounding_store_at_any_index(scalar):
+    # the vector store hashes element indices itself: starts around 2**32 (where the index's
+    # high half joins the hash, and 16 lanes can straddle it) and beyond
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(53, generator=gen) * torch.logspace(-30, 30, 53)
+    x[[3, 9, 17, 30]] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.3895e38])
+    x[40] = torch.tensor(0.5, dtype=torch.bfloat16).float()  # exact in bf16
+    for start in (0, 7, 2**32 - 9, 2**32 + 3, 2**40 + 1):
+        for key in (0, 0x89ABCDEF):
+            want = rounding.stochastic_round_keyed(x, torch.bfloat16, key, start)
+            got = compiled.round_bf16_sr(x, key, start, scalar=scalar)
+            nan = want.isnan()
+            assert torch.equal(got.isnan(), nan), (start, key)  # NaN payloads aside
+            assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), (start, key)

@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from . import rounding
 from .quant import block_absmax, num_blocks
 
 BITS = 4
@@ -37,7 +38,6 @@ MAP_SIZE = 15
 
 ZERO_CODE = 7
 
-_M32 = 0xFFFFFFFF
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,28 +97,11 @@ def unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ randomness
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values in
-    [0, 2**32). The multipliers are odd and below 2**31, so every product fits in int64."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0x297A2D39) & _M32
-    return x ^ (x >> 16)
-
-
 def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """fp32 uniforms in [0, 1) (multiples of 2**-24) for elements ``start .. start + count - 1``
-    of a tensor stepped with ``key`` (an int in [0, 2**32)): ``mix(mix(i) ^ key)``, where ``i``
-    is the element's index (its bits above 32 folded in through a third ``mix``)."""
-    idx = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    x = _mix32(idx & _M32)
-    if start + count > (1 << 32):  # mix(0) == 0: indices below 2**32 need no fold
-        x = x ^ _mix32((idx >> 32) & _M32)
-    h = _mix32(x ^ (key & _M32))
-    return (h >> 8).to(torch.float32) * (2.0**-24)
+    of a tensor stepped with ``key`` (an int in [0, 2**32)): the top 24 bits of
+    ``rounding.counter_hash``."""
+    return (rounding.counter_hash(key, start, count, device) >> 8).to(torch.float32) * (2.0**-24)
 
 
 # ------------------------------------------------------------------------------ (de)quantize

@@ -12,9 +12,12 @@ and pure-bf16 training (no fp32 master copy of the weights) follows fp32 trainin
 al. 2015, "Deep learning with limited numerical precision", and Zamirai et al. 2020, "Revisiting
 BFloat16 training", for the evidence that this is what makes 16-bit-only weights train.
 
-Where the randomness comes from: every call takes a ``torch.Generator``; the optimizer derives
-one seed per (optimizer seed, step, parameter, chunk) with ``derive_seed``, so a run is
-reproducible from its seed alone and a resumed run draws the same numbers as an uninterrupted one.
+Where the randomness comes from: ``stochastic_round`` takes a ``torch.Generator``. The
+optimizers use ``stochastic_round_keyed`` instead, whose random numbers are a counter-based hash
+of (key, element index) (``sr_hash``): the key is derived from (optimizer seed, step,
+parameter) with ``derive_seed``, so a run is reproducible from its seed alone, a resumed run
+draws the same numbers as an uninterrupted one, and every backend (eager, the fused CPU kernel,
+any chunking or thread count) draws the same number for the same element (``sr_hash``).
 
 Example::
 
@@ -61,7 +64,31 @@ def stochastic_round(
         raise ValueError(f"stochastic_round: unsupported dtype {dtype} (must be torch.bfloat16 or torch.float16)")
     x = x.to(torch.float32)
     if dtype == torch.bfloat16:
-        return _round_bf16(x, generator)
+        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+        return _round_bf16(x, noise)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return _round_f16(x, u)
+
+
+def stochastic_round_keyed(x: torch.Tensor, dtype: torch.dtype, key: int, start: int = 0) -> torch.Tensor:
+    """``stochastic_round`` with the random numbers of ``sr_hash(key, start, x.numel())``:
+    element ``i`` of the flattened ``x`` is element ``start + i`` of its tensor. For bf16 the
+    noise is the hash's top 16 bits, for fp16 the uniform its top 24 bits. Same rounding rule,
+    NaN/inf handling and arguments otherwise."""
+    if dtype == torch.float32 or x.dtype == dtype:
+        return x.to(dtype)
+    if dtype not in LOW_PRECISION:
+        raise ValueError(f"stochastic_round_keyed: unsupported dtype {dtype} (must be torch.bfloat16 or torch.float16)")
+    x = x.to(torch.float32)
+    h = sr_hash(key, start, x.numel(), x.device).view(x.shape)
+    if dtype == torch.bfloat16:
+        return _round_bf16(x, (h >> 16).to(torch.int32))
+    return _round_f16(x, (h >> 8).to(torch.float32) * (2.0**-24))
+
+
+def _round_f16(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """fp32 -> fp16 with uniforms ``u`` in [0, 1) (multiples of 2**-24)."""
+    dtype = torch.float16
     near = x.to(dtype)  # rounding to nearest picks one neighbour ...
     near32 = near.to(torch.float32)
     # ... the other lies on the far side of x (a NaN goes "down" and stays NaN).
@@ -72,15 +99,14 @@ def stochastic_round(
     # 2), so `frac` is the exact probability, a multiple of 2**-13 away from fp16 subnormals,
     # which fp32 uniforms (multiples of 2**-24) resolve exactly.
     frac = (x - near32).abs() / gap  # in [0, 0.5]; NaN for NaN/inf input -> keep `near`
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     return torch.where(u < frac, other, near)
 
 
-def _round_bf16(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """fp32 -> bf16: a bf16 is an fp32 with the low 16 bits zero, and those bits of ``x`` are the
-    fraction of the gap to the next bf16 (in magnitude) in units of 2**-16. Adding a uniform
-    16-bit integer carries into the kept bits with exactly that probability; then truncate."""
-    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+def _round_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 with uniform 16-bit integers ``noise`` (int32): a bf16 is an fp32 with the
+    low 16 bits zero, and those bits of ``x`` are the fraction of the gap to the next bf16 (in
+    magnitude) in units of 2**-16. Adding the noise carries into the kept bits with exactly that
+    probability; then truncate."""
     bits = (x.view(torch.int32) + noise) & -65536  # int32 two's complement: -65536 == 0xFFFF0000
     out = bits.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
     # a NaN could carry into the infinity pattern; NaN and +-inf stay what they are
@@ -97,6 +123,62 @@ def stochastic_round_into(
     else:
         out.copy_(x)
     return out
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values in
+    [0, 2**32). The multipliers are odd and below 2**31, so every product fits in int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0x297A2D39) & _M32
+    return x ^ (x >> 16)
+
+
+def counter_hash(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """32-bit random integers (int64 tensor) for elements ``start .. start + count - 1`` of a
+    tensor, under ``key`` (an int in [0, 2**32)): ``mix(mix(i) ^ key)``, ``i`` the element's index
+    (its bits above 32 folded in through a third ``mix``). A function of (key, index) only, so any
+    split of a tensor into chunks, threads or kernels draws the same numbers; the CPU kernel
+    computes the same hash (kernels/lion_cpu.cpp)."""
+    idx = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    x = _mix32(idx & _M32)
+    if start + count > (1 << 32):  # mix(0) == 0: indices below 2**32 need no fold
+        x = x ^ _mix32((idx >> 32) & _M32)
+    return _mix32(x ^ (key & _M32))
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """A cheaper 32-bit integer hash (two multiply rounds; Wellons' "lowbias32" constants), on
+    int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def sr_hash(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The random numbers of stochastic rounding: 32-bit integers (int64 tensor) for elements
+    ``start .. start + count - 1`` of a tensor, ``h(i ^ key)`` with the two-round hash (the bits
+    of ``i`` above 32 folded in through a second ``h``). Within one key the inputs are distinct,
+    so are the outputs (the hash is a bijection); every backend computes the same numbers."""
+    idx = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    x = (idx & _M32) ^ (key & _M32)
+    if start + count > (1 << 32):  # h(0) == 0: indices below 2**32 need no fold
+        x = x ^ _lowbias32((idx >> 32) & _M32)
+    return _lowbias32(x)
+
+
+def key32(seed: int) -> int:
+    """A ``counter_hash`` key from a ``derive_seed`` seed (its two 32-bit halves xor-ed)."""
+    seed = int(seed)
+    return (seed ^ (seed >> 32)) & _M32
 
 
 def _splitmix64(z: int) -> int:

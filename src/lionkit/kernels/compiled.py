@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .. import quant, quant_fast
+from .. import quant, quant_fast, rounding
 from ..qstate import QuantizedState
 from .base import Momentum, StepHyper, fused_momentum_ok
 from .torch_eager import TorchBackend
@@ -159,6 +159,7 @@ def load(scalar: Optional[bool] = None):
                 lib.lk_step.restype = i32
                 lib.lk_quantize.argtypes = [p, p, i64, ctypes.c_float, p, i32]
                 lib.lk_all_finite.argtypes = [i32, p, p, p, p, i32]
+                lib.lk_round_bf16_sr.argtypes = [p, p, i64, i64, ctypes.c_uint32]
                 lib.lk_quantize.restype = None
                 lib.lk_isa.restype = i32
             _libs[scalar] = lib
@@ -198,6 +199,15 @@ def quantize(x: torch.Tensor, qmap: torch.Tensor, scalar: Optional[bool] = None,
 _constants = quant_fast.kernel_constants_of
 
 
+def round_bf16_sr(x: torch.Tensor, key: int, start: int = 0, scalar: Optional[bool] = None) -> torch.Tensor:
+    """fp32 ``x`` rounded stochastically to bf16 by the kernel's store, as elements ``start ..``
+    of a tensor stepped with key ``key`` (``rounding.stochastic_round_keyed``'s numbers)."""
+    x = x.detach().to(torch.float32).contiguous().view(-1)
+    out = torch.empty(x.numel(), dtype=torch.bfloat16)
+    load(scalar).lk_round_bf16_sr(x.data_ptr(), out.data_ptr(), x.numel(), start, key)
+    return out
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
     """For each CPU tensor (fp32/fp16/bf16, contiguous): True if it holds no NaN or inf.
 
@@ -232,7 +242,9 @@ class CompiledBackend:
     """Fused, multithreaded, vectorised CPU kernel (C++ built on first use)."""
 
     name = "compiled"
-    stochastic_rounding = False  # tensors that need it go to TorchBackend
+    # honours StepHyper.stochastic_rounding: bf16 parameters in the kernel (the same random
+    # numbers as TorchBackend: rounding.counter_hash); fp16 ones go to TorchBackend
+    stochastic_rounding = True
 
     def __init__(self, scalar: Optional[bool] = None) -> None:
         self._lib = load(scalar)
@@ -251,14 +263,14 @@ class CompiledBackend:
         # are built from Python lists in one numpy call each at the end.
         slow = []
         ptrs: list[int] = []  # (p, g, codes or momentum, absmax or 0, numel, 4-bit map or 0) per tensor
-        infos: list[int] = []  # (mode, p dtype, g dtype, flags, 4-bit key) per tensor
+        infos: list[int] = []  # (mode, p dtype, g dtype, flags, 4-bit key, SR key) per tensor
         hrows: list[tuple[float, ...]] = []
         rows: dict[int, tuple[float, ...]] = {}  # by id(hp): the optimizer shares equal ones
         qc = None
         for item in zip(params, grads, moms, hypers):
             p, g, m, hp = item
             ok = (
-                not (hp.stochastic_rounding and p.dtype != torch.float32)
+                not (hp.stochastic_rounding and p.dtype == torch.float16)
                 and g.device.type == "cpu"
                 and g.is_contiguous()
                 and g.numel() == p.numel()
@@ -297,7 +309,7 @@ class CompiledBackend:
 
     def _launch(self, n: int, ptr: np.ndarray, info: np.ndarray, hyper: np.ndarray, qc: Optional[np.ndarray]) -> None:
         """One kernel call over ``n`` tensors: ``ptr`` (6, n) int64 (p, g, momentum or codes,
-        absmax or 0, numel, 4-bit map or 0), ``info`` (n * 5) int32, ``hyper`` (n, 8) fp32
+        absmax or 0, numel, 4-bit map or 0), ``info`` (n * 6) int32, ``hyper`` (n, 8) fp32
         (each double rounded to fp32, nearest even, as torch does)."""
         if qc is None:  # no 8-bit tensor: any valid constants do
             qc = _constants(quant._dynamic_map_cpu())
@@ -346,16 +358,23 @@ def _pointers(p: torch.Tensor, g: torch.Tensor, m: Momentum) -> tuple[int, ...]:
     return (p.data_ptr(), g.data_ptr(), m.data_ptr(), 0, p.numel(), 0)
 
 
-def _info(p: torch.Tensor, gdtype: torch.dtype, m: Momentum, hp: StepHyper) -> tuple[int, int, int, int, int]:
+def _as_int32(u: int) -> int:
+    """uint32 bits as the int32 the kernel's info table holds."""
+    return u - (1 << 32) if u >= (1 << 31) else u
+
+
+def _info(p: torch.Tensor, gdtype: torch.dtype, m: Momentum, hp: StepHyper) -> tuple[int, ...]:
     key = 0
     if isinstance(m, QuantizedState) and m.bits == 4:
         mode = _MODE_4
-        key = hp.mseed - (1 << 32) if hp.mseed >= (1 << 31) else hp.mseed  # uint32 bits as int32
+        key = _as_int32(hp.mseed)
     elif isinstance(m, QuantizedState):
         mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
     else:
         mode = _MODE_32
-    return (mode, _DTYPE_CODE[p.dtype], _DTYPE_CODE[gdtype], _hyper_flags(hp), key)
+    sr = hp.stochastic_rounding and p.dtype == torch.bfloat16
+    srkey = _as_int32(rounding.key32(hp.seed)) if sr else 0
+    return (mode, _DTYPE_CODE[p.dtype], _DTYPE_CODE[gdtype], _hyper_flags(hp) | 4 * int(sr), key, srkey)
 
 
 def _hyper_flags(hp: StepHyper) -> int:

@@ -44,6 +44,7 @@ enum DType { F32 = 0, F16 = 1, BF16 = 2 };
 enum Mode { MOM32 = 0, MOM8_BLOCK = 1, MOM8_TENSOR = 2, MOM4 = 3 };
 constexpr int64_t LK_BLOCK4 = 32;  // 4-bit momentum: elements per scale (quant4.BLOCK_SIZE)
 constexpr int LK_MAP4 = 15;        // levels of the 4-bit map; code 7 is 0
+constexpr int LK_NINFO = 6;        // int32 words of lk_step's info per tensor
 
 // Layout of the constants (uint32 words; quant_fast.kernel_constants builds them).
 constexpr uint32_t QC_MAGIC = 0x4C4B5131;
@@ -51,7 +52,9 @@ constexpr int QC_KEY0 = 1, QC_NB = 2, QC_ZERO = 3, QC_SYM = 4, QC_QMAP = 16, QC_
 
 // Per-tensor scalars, already rounded to fp32 the way the reference rounds them.
 struct Hyper {
-  float lr, b1, omb1, b2, omb2, decay, gscale, clip;
+  float lr, b1, omb1, b2, omb2, decay, gscale, clip;  // the 8 floats of lk_step's hyper row
+  bool sr;         // bf16 parameter rounded stochastically (rounding.stochastic_round_keyed)
+  uint32_t srkey;  // its key (rounding.key32 of the step's seed)
 };
 
 struct Quant {  // the bucket table (and its code-valued form, quant_fast.code_table) and the map
@@ -93,6 +96,37 @@ using namespace lk;
 inline float bits_f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t f_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
+// rounding._mix32 in uint32 arithmetic (products mod 2**32, as the int64 & 0xFFFFFFFF there)
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x2C1B3C6Du;
+  x ^= x >> 13;
+  x *= 0x297A2D39u;
+  return x ^ (x >> 16);
+}
+// rounding._lowbias32
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+// rounding.sr_hash(key, i)
+inline uint32_t sr_hash(uint32_t key, int64_t i) {
+  const uint32_t hi = (uint32_t)((uint64_t)i >> 32);
+  return lowbias32((uint32_t)i ^ key ^ (hi ? lowbias32(hi) : 0u));
+}
+// rounding.counter_hash(key, i)
+inline uint32_t counter_hash(uint32_t key, int64_t i) {
+  uint32_t x = mix32((uint32_t)i);
+  uint32_t hi = (uint32_t)((uint64_t)i >> 32);
+  if (hi) x ^= mix32(hi);
+  return mix32(x ^ key);
+}
+
 // ---------------------------------------------------------------- scalar conversions
 inline float bf16_to_f(uint16_t h) { return bits_f((uint32_t)h << 16); }
 inline uint16_t f_to_bf16(float f) {
@@ -131,11 +165,30 @@ template <> struct IO<BF16> {
   static float ld(const T* p, int64_t i) { return bf16_to_f(p[i]); }
   static void st(T* p, int64_t i, float v) { p[i] = f_to_bf16(v); }
 };
+// rounding._round_bf16 with the noise of sr_hash(key, i): finite values get the hash's top
+// 16 bits added to their pattern and are truncated; NaN and inf round to nearest
+inline uint16_t f_to_bf16_sr(float f, uint32_t key, int64_t i) {
+  const uint32_t u = f_bits(f);
+  if ((u & 0x7F800000u) == 0x7F800000u) return f_to_bf16(f);
+  return (uint16_t)((u + (sr_hash(key, i) >> 16)) >> 16);
+}
 template <> struct IO<F16> {
   typedef uint16_t T;
   static float ld(const T* p, int64_t i) { return f16_to_f(p[i]); }
   static void st(T* p, int64_t i, float v) { p[i] = f_to_f16(v); }
 };
+// A parameter's store: to nearest, or stochastically for a bf16 parameter with h.sr (element i
+// of its tensor: the index the random number belongs to)
+template <int PT>
+inline void st_p(typename IO<PT>::T* p, int64_t i, float v, const Hyper& h) {
+  if constexpr (PT == BF16) {
+    if (h.sr) {
+      p[i] = f_to_bf16_sr(v, h.srkey, i);
+      return;
+    }
+  }
+  IO<PT>::st(p, i, v);
+}
 
 // ---------------------------------------------------------------- scalar step and quantizer
 // The reference's operations in its order (torch_eager._update_chunk). Without a grad scale
@@ -195,23 +248,8 @@ inline void quant_block_scalar(const float* buf, int64_t n, float scale, uint8_t
 }
 
 // ---------------------------------------------------------------- 4-bit momentum (quant4.py)
-// quant4._mix32 in uint32 arithmetic (products mod 2**32, as the int64 & 0xFFFFFFFF there)
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x2C1B3C6Du;
-  x ^= x >> 13;
-  x *= 0x297A2D39u;
-  return x ^ (x >> 16);
-}
 // quant4.uniform(key, i): a multiple of 2**-24 in [0, 1)
-inline float uniform4(uint32_t key, int64_t i) {
-  uint32_t x = mix32((uint32_t)i);
-  uint32_t hi = (uint32_t)((uint64_t)i >> 32);
-  if (hi) x ^= mix32(hi);
-  return (float)(mix32(x ^ key) >> 8) * (1.0f / 16777216.0f);
-}
+inline float uniform4(uint32_t key, int64_t i) { return (float)(counter_hash(key, i) >> 8) * (1.0f / 16777216.0f); }
 // quant4.round_to_codes with uniform u: hi = the first level >= v (torch.bucketize), clamped
 // to [1, 14]; up with probability (v - lo) / (hi - lo), computed in fp32 as there
 inline int round4(float v, float u, const float* q) {
@@ -235,7 +273,7 @@ void block4_scalar(typename IO<PT>::T* p, const typename IO<GT>::T* g, uint8_t* 
     const int c = (codes[i >> 1] >> (4 * (int)(i & 1))) & 15;
     float pn, mn;
     lion1<SKIP>(IO<PT>::ld(p, i), grad_in<GSC>(IO<GT>::ld(g, i), h), q[c] * sold, h, &pn, &mn);
-    IO<PT>::st(p, i, pn);
+    st_p<PT>(p, i, pn, h);
     buf[k] = mn;
   }
   float s = absmax_exact(buf, len);
@@ -270,7 +308,7 @@ void run32_scalar(void* pv, const void* gv, float* m, int64_t n0, int64_t n1, co
   for (int64_t i = n0; i < n1; ++i) {
     float pn, mn;
     lion1<SKIP>(IO<PT>::ld(p, i), grad_in<GSC>(IO<GT>::ld(g, i), h), m[i], h, &pn, &mn);
-    IO<PT>::st(p, i, pn);
+    st_p<PT>(p, i, pn, h);
     m[i] = mn;
   }
 }
@@ -286,7 +324,7 @@ float run8_scalar(void* pv, const void* gv, const uint8_t* codes, float sold, in
     float pn, mn;
     lion1<SKIP>(write_p ? IO<PT>::ld(p, i) : 0.0f, grad_in<GSC>(IO<GT>::ld(g, i), h), q.qmap[codes[i]] * sold, h,
                 &pn, &mn);
-    if (write_p) IO<PT>::st(p, i, pn);
+    if (write_p) st_p<PT>(p, i, pn, h);
     buf[i - n0] = mn;
   }
   return absmax_exact(buf, n1 - n0);
@@ -325,11 +363,65 @@ template <> struct VIO<F16> {
 
 struct VHyper {
   V lr, b1, omb1, b2, omb2, decay, gscale, lo, hi;
+  bool sr;
+  uint32_t srkey;
   explicit VHyper(const Hyper& h)
       : lr(_mm512_set1_ps(h.lr)), b1(_mm512_set1_ps(h.b1)), omb1(_mm512_set1_ps(h.omb1)),
         b2(_mm512_set1_ps(h.b2)), omb2(_mm512_set1_ps(h.omb2)), decay(_mm512_set1_ps(h.decay)),
-        gscale(_mm512_set1_ps(h.gscale)), lo(_mm512_set1_ps(-h.clip)), hi(_mm512_set1_ps(h.clip)) {}
+        gscale(_mm512_set1_ps(h.gscale)), lo(_mm512_set1_ps(-h.clip)), hi(_mm512_set1_ps(h.clip)), sr(h.sr),
+        srkey(h.srkey) {}
 };
+
+inline __m512i vlowbias32(__m512i x) {  // lowbias32 on 16 lanes
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846CA68Bu));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+inline __m512i vmix32(__m512i x) {  // mix32 on 16 lanes (vpmulld: the low 32 bits, as uint32 *)
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x2C1B3C6D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x297A2D39));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// Lanes k of v into dst[0..15] as bf16, rounded stochastically as elements i..i+15 of their
+// tensor (f_to_bf16_sr on 16 lanes)
+inline void vst_bf16_sr(uint16_t* dst, int64_t i, V v, __mmask16 k, uint32_t key) {
+  const uint64_t i0 = (uint64_t)i;
+  if ((i0 >> 32) != ((i0 + 15) >> 32)) {  // the 16 indices straddle 2**32 (once per 4G elements)
+    alignas(64) float vals[16];
+    _mm512_store_ps(vals, v);
+    for (int l = 0; l < 16; ++l)
+      if (k >> l & 1) dst[l] = f_to_bf16_sr(vals[l], key, i + l);
+    return;
+  }
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const uint32_t hi = (uint32_t)(i0 >> 32), salt = key ^ (hi ? lowbias32(hi) : 0u);
+  __m512i x = _mm512_xor_si512(_mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)i0), iota),
+                               _mm512_set1_epi32((int)salt));
+  const __m512i noise = _mm512_srli_epi32(vlowbias32(x), 16);
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i expo = _mm512_set1_epi32(0x7F800000);
+  const __mmask16 fin = _mm512_mask_cmpneq_epi32_mask(k, _mm512_and_si512(u, expo), expo);
+  _mm256_mask_storeu_epi16(dst, fin, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, noise), 16)));
+  if (fin != k) VIO<BF16>::st(dst, v, k & (__mmask16)~fin);  // NaN and inf: to nearest
+}
+// A parameter's store (elements i..i+15 of its tensor, lanes k): st_p on 16 lanes
+template <int PT>
+inline void vst_p(typename IO<PT>::T* p, int64_t i, V v, __mmask16 k, const VHyper& h) {
+  if constexpr (PT == BF16) {
+    if (h.sr) {
+      vst_bf16_sr(p + i, i, v, k, h.srkey);
+      return;
+    }
+  }
+  VIO<PT>::st(p + i, v, k);
+}
 
 template <bool GSC>
 inline V vgrad_in(V g, const VHyper& h) {
@@ -363,11 +455,13 @@ inline void vlion(V p, V g, V m, const VHyper& h, V* pn, V* mn) {
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 template <int PT, int GT, bool GSC, bool SKIP>
-inline void step32_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, float* m, const VHyper& h, __mmask16 k) {
+inline void step32_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, float* m, int64_t i, const VHyper& h,
+                      __mmask16 k) {  // elements i..i+15 (lanes k)
   V pn, mn;
-  vlion<SKIP>(VIO<PT>::ld(p, k), vgrad_in<GSC>(VIO<GT>::ld(g, k), h), _mm512_maskz_loadu_ps(k, m), h, &pn, &mn);
-  VIO<PT>::st(p, pn, k);
-  _mm512_mask_storeu_ps(m, k, mn);
+  vlion<SKIP>(VIO<PT>::ld(p + i, k), vgrad_in<GSC>(VIO<GT>::ld(g + i, k), h), _mm512_maskz_loadu_ps(k, m + i), h, &pn,
+              &mn);
+  vst_p<PT>(p, i, pn, k, h);
+  _mm512_mask_storeu_ps(m + i, k, mn);
 }
 
 template <int PT, int GT, bool GSC, bool SKIP>
@@ -376,27 +470,30 @@ void run32_vec(void* pv, const void* gv, float* m, int64_t n0, int64_t n1, const
   auto* g = (const typename IO<GT>::T*)gv;
   VHyper h(hs);
   int64_t i = n0;
-  for (; i + 16 <= n1; i += 16) step32_16<PT, GT, GSC, SKIP>(p + i, g + i, m + i, h, (__mmask16)0xFFFF);
-  if (i < n1) step32_16<PT, GT, GSC, SKIP>(p + i, g + i, m + i, h, tail_mask(n1 - i));
+  for (; i + 16 <= n1; i += 16) step32_16<PT, GT, GSC, SKIP>(p, g, m, i, h, (__mmask16)0xFFFF);
+  if (i < n1) step32_16<PT, GT, GSC, SKIP>(p, g, m, i, h, tail_mask(n1 - i));
 }
 
-// 16 lanes of the 8-bit update from the map values mq of their codes: dequantize (times the
-// old scale), update, p written back if WRITE_P; returns the new momentum (0 outside k).
+// 16 lanes of the 8-bit update (elements i..i+15 of p and g, lanes k) from the map values mq
+// of their codes: dequantize (times the old scale), update, p written back if WRITE_P; returns
+// the new momentum (0 outside k).
 template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
-inline V step8_16m(typename IO<PT>::T* p, const typename IO<GT>::T* g, V mq, V sold, const VHyper& h, __mmask16 k) {
+inline V step8_16m(typename IO<PT>::T* p, const typename IO<GT>::T* g, int64_t i, V mq, V sold, const VHyper& h,
+                   __mmask16 k) {
   V m = _mm512_mul_ps(mq, sold);
   V pn, mn;
-  vlion<SKIP>(WRITE_P ? VIO<PT>::ld(p, k) : _mm512_setzero_ps(), vgrad_in<GSC>(VIO<GT>::ld(g, k), h), m, h, &pn, &mn);
-  if (WRITE_P) VIO<PT>::st(p, pn, k);
+  vlion<SKIP>(WRITE_P ? VIO<PT>::ld(p + i, k) : _mm512_setzero_ps(), vgrad_in<GSC>(VIO<GT>::ld(g + i, k), h), m, h,
+              &pn, &mn);
+  if (WRITE_P) vst_p<PT>(p, i, pn, k, h);
   return k == 0xFFFF ? mn : _mm512_maskz_mov_ps(k, mn);
 }
 
-// the same, looking the 16 codes up in the map with a gather
+// the same, looking the 16 codes (codes[i..]) up in the map with a gather
 template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
-inline V step8_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, const uint8_t* codes, V sold, const VHyper& h,
-                  const float* qmap, __mmask16 k) {
-  __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes));
-  return step8_16m<PT, GT, GSC, SKIP, WRITE_P>(p, g, _mm512_i32gather_ps(idx, qmap, 4), sold, h, k);
+inline V step8_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, const uint8_t* codes, int64_t i, V sold,
+                  const VHyper& h, const float* qmap, __mmask16 k) {
+  __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, codes + i));
+  return step8_16m<PT, GT, GSC, SKIP, WRITE_P>(p, g, i, _mm512_i32gather_ps(idx, qmap, 4), sold, h, k);
 }
 
 #ifdef __AVX512VBMI__
@@ -447,9 +544,8 @@ struct VDeq {
 template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
 float run8_vec_t(void* pv, const void* gv, const uint8_t* codes, float sold, int64_t n0, int64_t n1, const Hyper& hs,
                  const Quant& q, float* buf) {
-  auto* p = (typename IO<PT>::T*)pv + n0;
-  auto* g = (const typename IO<GT>::T*)gv + n0;
-  codes += n0;
+  auto* p = (typename IO<PT>::T*)pv;
+  auto* g = (const typename IO<GT>::T*)gv;
   const int64_t n = n1 - n0;
   VHyper h(hs);
   const V vs = _mm512_set1_ps(sold);
@@ -457,8 +553,8 @@ float run8_vec_t(void* pv, const void* gv, const uint8_t* codes, float sold, int
   int64_t i = 0;
   for (; i + 16 <= n || i < n; i += 16) {
     __mmask16 k = i + 16 <= n ? (__mmask16)0xFFFF : tail_mask(n - i);
-    V mn = k == 0xFFFF ? step8_16<PT, GT, GSC, SKIP, WRITE_P>(p + i, g + i, codes + i, vs, h, q.qmap, 0xFFFF)
-                       : step8_16<PT, GT, GSC, SKIP, WRITE_P>(p + i, g + i, codes + i, vs, h, q.qmap, k);
+    V mn = k == 0xFFFF ? step8_16<PT, GT, GSC, SKIP, WRITE_P>(p, g, codes, n0 + i, vs, h, q.qmap, 0xFFFF)
+                       : step8_16<PT, GT, GSC, SKIP, WRITE_P>(p, g, codes, n0 + i, vs, h, q.qmap, k);
     _mm512_store_ps(buf + i, mn);  // buf holds whole vectors
     amax = _mm512_max_ps(_mm512_abs_ps(mn), amax);
     sum = _mm512_add_ps(sum, mn);  // NaN (or inf) anywhere makes the sum non-finite
@@ -579,7 +675,7 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
         __m512i cv[4];
         for (int r = 0; r < 4; ++r) {
           const int64_t o = i + 16 * r;
-          V mn = step8_16m<PT, GT, GSC, SKIP, true>(p + b0 + o, g + b0 + o, mq[r], sold, h, 0xFFFF);
+          V mn = step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + o, mq[r], sold, h, 0xFFFF);
           _mm512_store_ps(bn + o, mn);
           amax = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(mn), absm), amax);
           if (qlen) cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));  // IEEE division, as the reference
@@ -593,7 +689,7 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
       for (int64_t i = 0; i < (len > qlen ? len : qlen); i += 16) {
         if (i < len) {
           __mmask16 k = tail_mask(len - i);
-          V mn = step8_16<PT, GT, GSC, SKIP, true>(p + b0 + i, g + b0 + i, codes + b0 + i, sold, h, q.qmap, k);
+          V mn = step8_16<PT, GT, GSC, SKIP, true>(p, g, codes, b0 + i, sold, h, q.qmap, k);
           _mm512_store_ps(bn + i, mn);
           amax = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(mn), absm), amax);
         }
@@ -617,15 +713,6 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
   }
 }
 // ---------------------------------------------------------------- 4-bit, AVX-512
-inline __m512i vmix32(__m512i x) {  // mix32 on 16 lanes (vpmulld: the low 32 bits, as uint32 *)
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x2C1B3C6D));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x297A2D39));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
 
 // Whole blocks of 32 in registers: the 15 levels sit in one register (lane 15: +inf), so the
 // decode is one vpermps, the neighbour search a branchless 4-step binary search of vpermps and
@@ -663,7 +750,7 @@ void run4_vec(void* pv, const void* gv, uint8_t* codes, float* absmax, int64_t n
       V m = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c8[r]), vq), sold);
       V pn;
       vlion<SKIP>(VIO<PT>::ld(p + i, 0xFFFF), vgrad_in<GSC>(VIO<GT>::ld(g + i, 0xFFFF), h), m, h, &pn, &mn[r]);
-      VIO<PT>::st(p + i, pn, 0xFFFF);
+      vst_p<PT>(p, i, pn, 0xFFFF, h);
     }
     float s = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(mn[0]), _mm512_abs_ps(mn[1])));
     if (!std::isfinite(_mm512_reduce_add_ps(_mm512_add_ps(mn[0], mn[1])))) {  // the NaN rule, rarely
@@ -798,8 +885,9 @@ int lk_isa() { return LK_AVX512 ? 512 : 0; }
 
 // One Lion step over n tensors. Per tensor i: pointers p[i], g[i], m[i] (fp32 momentum or
 // uint8 codes), absmax[i] (8- and 4-bit), numel[i], map4[i] (4-bit: its 15 fp32 levels);
-// info[5i..5i+4] = {mode, p dtype, g dtype, flags, 4-bit rounding key (uint32 bits)} (flags:
-// 1 skip_zeros, 2 grad scale or clip present); hyper[8i..8i+7] = {lr, b1, 1-b1, b2, 1-b2,
+// info[6i..6i+5] = {mode, p dtype, g dtype, flags, 4-bit rounding key, stochastic rounding key
+// of a bf16 parameter (keys: uint32 bits)} (flags: 1 skip_zeros, 2 grad scale or clip present,
+// 4 bf16 parameter rounded stochastically); hyper[8i..8i+7] = {lr, b1, 1-b1, b2, 1-b2,
 // 1-lr*wd (or 1), grad_scale, clip (or inf)}. qc: quant_fast.kernel_constants.
 // Returns 0, or -1 if qc is not a constants array.
 int lk_step(int n, const int64_t* p, const int64_t* g, const int64_t* m, const int64_t* absmax,
@@ -818,13 +906,16 @@ int lk_step(int n, const int64_t* p, const int64_t* g, const int64_t* m, const i
     t.absmax = (float*)absmax[i];
     t.n = numel[i];
     t.map4 = (const float*)map4[i];
-    t.mode = info[5 * i];
-    t.pdt = info[5 * i + 1];
-    t.gdt = info[5 * i + 2];
-    t.skip = (info[5 * i + 3] & 1) != 0;
-    t.gsc = (info[5 * i + 3] & 2) != 0;
-    t.key = (uint32_t)info[5 * i + 4];
-    std::memcpy(&t.h, hyper + 8 * i, sizeof(Hyper));
+    const int32_t* inf = info + LK_NINFO * i;
+    t.mode = inf[0];
+    t.pdt = inf[1];
+    t.gdt = inf[2];
+    t.skip = (inf[3] & 1) != 0;
+    t.gsc = (inf[3] & 2) != 0;
+    t.key = (uint32_t)inf[4];
+    std::memcpy(&t.h, hyper + 8 * i, 8 * sizeof(float));
+    t.h.sr = (inf[3] & 4) != 0 && t.pdt == BF16;
+    t.h.srkey = (uint32_t)inf[5];
     any_per_tensor |= t.mode == MOM8_TENSOR;
     first[(size_t)i + 1] = first[(size_t)i] + (t.n + LK_CHUNK - 1) / LK_CHUNK;
   }
@@ -910,6 +1001,20 @@ int lk_all_finite(int n, const int64_t* ptr, const int64_t* numel, const int32_t
       out[i] = 0;
     }
   }
+  return 0;
+}
+
+// x[0..n) rounded stochastically to bf16 as elements start.. of a tensor with key, the way the
+// step stores a bf16 parameter with stochastic rounding (for the tests).
+int lk_round_bf16_sr(const float* x, uint16_t* out, int64_t n, int64_t start, uint32_t key) {
+#if LK_AVX512
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    vst_bf16_sr(out + i, start + i, _mm512_maskz_loadu_ps(k, x + i), k, key);
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = f_to_bf16_sr(x[i], key, start + i);
+#endif
   return 0;
 }
 

@@ -4,7 +4,7 @@ parameters with ``lionkit.rounding``.
 
 The backend computes a bf16/fp16 parameter's step in fp32 anyway and rounds only at the store,
 so updating an fp32 copy gives exactly the fp32 result it would have rounded; the random numbers
-are drawn per (hp.seed, chunk offset) as in ``torch_eager``, so the parameters come out
+are those of (key of hp.seed, element index) as in ``torch_eager``, so the parameters come out
 bit-identical to the eager backend's stochastic rounding whenever the backend's fp32 arithmetic
 is bit-identical to the eager one (the compiled CPU kernel's is). Pieces of several tensors go to
 the backend in one call (its per-call cost is paid once per ~CHUNK elements, not per tensor);
@@ -47,7 +47,7 @@ def step_many(
     backend, which rounds stochastically itself."""
     assert CHUNK % quant.BLOCK_SIZE == 0  # chunks start on block boundaries
     eager = []
-    batch: list[tuple] = []  # (destination view, fp32 copy, fp32 grad, momentum slice, hp, seed)
+    batch: list[tuple] = []  # (destination view, fp32 copy, fp32 grad, momentum slice, hp, (key, offset))
     size = 0
 
     def flush() -> None:
@@ -56,8 +56,8 @@ def step_many(
             return
         _, works, gs, ms, hps, _ = zip(*batch)
         backend.step_many(list(works), list(gs), list(ms), list(hps))
-        for dst, work, _, _, _, seed in batch:
-            dst.copy_(rounding.stochastic_round(work, dst.dtype, rounding.generator_for(seed, dst.device)))
+        for dst, work, _, _, _, (key, start) in batch:
+            dst.copy_(rounding.stochastic_round_keyed(work, dst.dtype, key, start))
         batch, size = [], 0
 
     for p, g, m, hp in zip(params, grads, moms, hypers):
@@ -71,7 +71,7 @@ def step_many(
             # fp32 copies (exact) that the backend updates in place; backends pair fp32 weights
             # with fp32 gradients
             batch.append((pf[s:e], pf[s:e].to(torch.float32), gf[s:e].to(torch.float32),
-                          _momentum_slice(m, s, e), plain, rounding.derive_seed(hp.seed, s)))
+                          _momentum_slice(m, s, e), plain, (rounding.key32(hp.seed), s)))
             size += e - s
             if size >= CHUNK:
                 flush()

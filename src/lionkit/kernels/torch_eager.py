@@ -47,11 +47,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _write_p(dst: torch.Tensor, p_new: torch.Tensor, hp: StepHyper, offset: int) -> None:
-    """The one write-back of p: to nearest, or stochastically (bf16/fp16 with
-    ``hp.stochastic_rounding``) with random numbers fixed by (hp.seed, chunk offset)."""
+    """The one write-back of p (elements ``offset ..`` of its tensor): to nearest, or
+    stochastically (bf16/fp16 with ``hp.stochastic_rounding``) with the random numbers of
+    (key of hp.seed, element index)."""
     if hp.stochastic_rounding and dst.dtype in rounding.LOW_PRECISION:
-        gen = rounding.generator_for(rounding.derive_seed(hp.seed, offset), dst.device)
-        dst.copy_(rounding.stochastic_round(p_new, dst.dtype, gen))
+        dst.copy_(rounding.stochastic_round_keyed(p_new, dst.dtype, rounding.key32(hp.seed), offset))
     else:
         dst.copy_(p_new)
 

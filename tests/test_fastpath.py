@@ -232,8 +232,25 @@ def test_failure_in_a_planned_kernel_marks_the_step_torn(monkeypatch):
         pair.a.step()
 
 
+@pytest.mark.parametrize("config", ["lion32", "lion8-block", "lion8-tensor"])
+def test_planned_stochastic_rounding_is_bit_identical(monkeypatch, config):
+    # bf16 parameters rounded stochastically: the plan computes each step's keys itself
+    pair = Pair(monkeypatch, config, "auto", torch.bfloat16, schedule=True, stochastic_rounding=True, sr_seed=77)
+    for k in range(5):
+        pair.step(k)
+    assert pair.planned == 4
+    pair.step(5, skip=(2,))  # a gradient missing: full path, new plan
+    pair.step(6, skip=(2,))
+    assert pair.planned == 5
+    # and the rounding is stochastic: the same run without it ends elsewhere
+    plain = Pair(monkeypatch, config, "auto", torch.bfloat16, schedule=True)
+    for k in range(5):
+        plain.step(k)
+    assert not all(torch.equal(p, q) for p, q in zip(pair.pa, plain.pa))
+
+
 def test_not_planned_when_steps_need_per_step_work():
-    for kw in (dict(percentile_clipping=90), dict(grad_clip_norm=1.0), dict(stochastic_rounding=True)):
+    for kw in (dict(percentile_clipping=90), dict(grad_clip_norm=1.0), dict(stochastic_rounding=True, backend="torch")):
         params = _model(torch.bfloat16 if "stochastic_rounding" in kw else torch.float32)
         opt = lionkit.Lion8bit(params, lr=1e-3, min_8bit_size=300, **kw)
         for k in range(2):
@@ -246,6 +263,13 @@ def test_not_planned_when_steps_need_per_step_work():
     opt.step()
     assert opt._plan is None
     assert not fastpath.eligible(opt, [], [])
+    # fp16 parameters rounded stochastically: the kernel leaves them to the eager backend
+    params = _model(torch.float16)
+    opt = lionkit.Lion8bit(params, lr=1e-3, min_8bit_size=300, stochastic_rounding=True)
+    for k in range(2):
+        _set_grads(params, k)
+        opt.step()
+    assert opt._plan is None
 
 
 def test_the_plan_keeps_no_gradient_alive():

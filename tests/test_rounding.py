@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -343,3 +344,11 @@ def test_pure_bf16_training_with_sr_tracks_fp32_better_than_without():
     gap_sr, gap_rn = abs(l_sr[-1] - l32[-1]), abs(l_rn[-1] - l32[-1])
     assert gap_sr < 0.5 * gap_rn, (l32[-1], l_sr[-1], l_rn[-1])
     assert (w_sr - w32).norm() < 0.5 * (w_rn - w32).norm()
+
+
+def test_derive_keys32_equals_the_scalar_derivation():
+    steps = np.array([1, 2, 3, 1000, 2**40], dtype=np.uint64)
+    idx = np.array([0, 5, 147, 3, 2**33], dtype=np.uint64)
+    for seed in (0, 9, 2**62 + 7):
+        want = [rounding.key32(rounding.derive_seed(seed, int(s), int(i))) for s, i in zip(steps, idx)]
+        assert rounding.derive_keys32(seed, steps, idx).tolist() == want

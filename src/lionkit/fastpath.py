@@ -16,8 +16,11 @@ per parameter, that nothing it relies on moved:
 
 Anything else (a new or missing gradient, a replaced tensor, a loaded checkpoint, a changed
 setting, a non-finite gradient) falls back to the full path, which raises its usual errors or
-takes the step and builds a new plan. Steps that need per-step work per parameter are not planned
-at all: gradient-norm and percentile clipping, stochastic rounding, 4-bit momentum, DTensor,
+takes the step and builds a new plan. Stochastic rounding of bf16 parameters is planned when the
+kernel takes its keys (the compiled CPU backend): they are computed for all parameters at once
+each step. Steps that need other per-step work per parameter are not planned
+at all: gradient-norm and percentile clipping, 4-bit momentum, DTensor, stochastic rounding on
+other backends or of fp16 parameters,
 complex or non-contiguous parameters, paged state, per-parameter overrides, and parameters at
 different step counts in a group whose lr is a callable schedule. The result of a planned step is bit-identical to the full path's (tested).
 """
@@ -27,9 +30,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
-from . import config, guards
+from . import config, guards, rounding
 from .kernels.base import Backend, Momentum, StepHyper
 from .qstate import QuantizedState
 
@@ -65,9 +69,12 @@ class Plan:
         self.pdtypes = [p.dtype for p in self.params]
         self.gdtypes = [p.grad.dtype for p in self.params]
         self.moms = [m for _, _, _, m, _ in items]
-        # the full step's hyperparameters, one per group (its parameters share them: no overrides,
-        # clipping, stochastic rounding or 4-bit keys in a plan); a planned step changes only lr
-        self.group_hyper = {gi: hp for gi, _, _, _, hp in items}
+        # the full step's hyperparameters, one per group and stochastic-rounding flag (a group's
+        # parameters share them: no overrides, clipping or 4-bit keys in a plan; the rounding
+        # seeds, different per parameter and step, go to the kernel as keys instead); a planned
+        # step changes only lr
+        self.sr_flags = [hp.stochastic_rounding for _, _, _, _, hp in items]
+        self.group_hyper = {(gi, hp.stochastic_rounding): replace(hp, seed=0) for gi, _, _, _, hp in items}
         self.steps = [st["step"] for st in self.states]  # each parameter's step count so far
         # a scheduled group's parameters share one step count (``eligible``): its lr's argument
         self.group_step = {gi: st for gi, st in zip(self.group_idx, self.steps)}
@@ -76,6 +83,16 @@ class Plan:
         self.active_groups = sorted(set(self.group_idx))
         prepare = getattr(backend, "prepare", None)
         self.prepared = prepare(self.params, self.gdtypes, self.moms) if prepare is not None else None
+        # stochastic rounding: each step's keys from (sr_seed, step, parameter index), computed
+        # at once; only a backend that takes keys (the compiled one, bf16 parameters) can replay it
+        self.sr_seed = opt.sr_seed if any(self.sr_flags) else None
+        self.usable = self.sr_seed is None or (
+            self.prepared is not None
+            and all(dt == torch.bfloat16 for dt, sr in zip(self.pdtypes, self.sr_flags) if sr)
+        )
+        if self.sr_seed is not None:
+            sr_index = opt._sr_index()
+            self.sr_idx = np.array([sr_index[id(p)] for p in self.params], dtype=np.uint64)
         self._hyper_key: Optional[tuple] = None
         self._hypers: list[StepHyper] = []
 
@@ -135,8 +152,8 @@ class Plan:
         groups; the same list object while the lrs do not change."""
         key = tuple(lrs.values())
         if key != self._hyper_key:
-            by_group = {gi: replace(self.group_hyper[gi], lr=lr) for gi, lr in lrs.items()}
-            self._hypers = [by_group[gi] for gi in self.group_idx]
+            by_group = {gk: replace(hp, lr=lrs[gk[0]]) for gk, hp in self.group_hyper.items()}
+            self._hypers = [by_group[gi, sr] for gi, sr in zip(self.group_idx, self.sr_flags)]
             self._hyper_key = key
         return self._hypers
 
@@ -158,7 +175,10 @@ class Plan:
     def run(self, grads: list[torch.Tensor], hypers: list[StepHyper]) -> None:
         """The kernels, on the planned tensors."""
         if self.prepared is not None:
-            self.prepared.run(grads, hypers)
+            keys = None
+            if self.sr_seed is not None:  # this step is step + 1 of each parameter
+                keys = rounding.derive_keys32(self.sr_seed, np.array(self.steps, dtype=np.uint64) + 1, self.sr_idx)
+            self.prepared.run(grads, hypers, keys)
         else:
             self.backend.step_many(self.params, grads, self.moms, hypers)
 
@@ -191,7 +211,7 @@ _MISSING = object()
 
 def eligible(opt: Any, plans: Sequence[tuple], moms: Sequence[Momentum]) -> bool:
     """Whether a full step just taken (its ``plans`` rows and momenta) can be replayed by a Plan."""
-    if opt.grad_clip_norm is not None or opt.stochastic_rounding or opt.is_paged or not plans or len(moms) != len(plans):
+    if opt.grad_clip_norm is not None or opt.is_paged or not plans or len(moms) != len(plans):
         return False
     device = plans[0][2].device
     scheduled_step: dict[int, int] = {}  # group -> the step count its parameters share

@@ -456,7 +456,8 @@ class _LionBase(torch.optim.Optimizer):
         if fastpath.eligible(self, plans, plan_moms):
             device = plans[0][2].device
             rows = [(gi, p, self.state[p], m, hp) for (gi, _, p, *_), m, hp in zip(plans, plan_moms, hypers)]
-            self._plan = fastpath.Plan(self, rows, backends[device], device)
+            plan = fastpath.Plan(self, rows, backends[device], device)
+            self._plan = plan if plan.usable else None
         return loss
 
     def _planned_step(self, plan: fastpath.Plan) -> bool:

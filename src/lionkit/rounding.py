@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -196,6 +197,24 @@ def derive_seed(seed: int, *parts: int) -> int:
     for part in parts:
         z = _splitmix64(z ^ (int(part) & _MASK64))
     return z % SEED_LIMIT
+
+
+def _splitmix64_np(z: np.ndarray) -> np.ndarray:
+    """``_splitmix64`` on a uint64 array (numpy's uint64 arithmetic wraps modulo 2**64)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def derive_keys32(seed: int, steps: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``key32(derive_seed(seed, step, index))`` for arrays of steps and indices (uint32 array):
+    the stochastic-rounding keys of many parameters at once."""
+    z0 = np.full(len(steps), _splitmix64(int(seed) & _MASK64), dtype=np.uint64)
+    z = _splitmix64_np(z0 ^ np.asarray(steps, dtype=np.uint64))
+    z = _splitmix64_np(z ^ np.asarray(indices, dtype=np.uint64))
+    z = z % np.uint64(SEED_LIMIT)
+    return ((z ^ (z >> np.uint64(32))) & np.uint64(_M32)).astype(np.uint32)
 
 
 def generator_for(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -400,6 +400,7 @@ class Prepared:
         self.hyper = np.zeros((self.n, 8), dtype=np.float32)
         self._numel = np.ascontiguousarray(self.ptr[4])
         self._gdt = np.ascontiguousarray(self.info[:, 2])
+        self._bf16 = self.info[:, 1] == _DTYPE_CODE[torch.bfloat16]
         self._grads: Optional[Sequence[torch.Tensor]] = None
 
     def _set_grads(self, grads: Sequence[torch.Tensor]) -> None:
@@ -420,19 +421,24 @@ class Prepared:
             self._grads = None
         return finite
 
-    def run(self, grads: Sequence[torch.Tensor], hypers: Sequence[StepHyper]) -> None:
+    def run(self, grads: Sequence[torch.Tensor], hypers: Sequence[StepHyper], srkeys: Optional[np.ndarray] = None) -> None:
+        """One step; ``srkeys`` (uint32, one per tensor): this step's stochastic-rounding keys
+        of the bf16 tensors whose StepHyper asks for it (the hypers' own seeds are not read)."""
         if hypers is not self._hypers:
             rows: dict[int, tuple[tuple[float, ...], int]] = {}
             table, flags = [], []
             for hp in hypers:
                 row = rows.get(id(hp))
                 if row is None:
-                    row = rows[id(hp)] = (_hyper_row(hp), _hyper_flags(hp))
+                    row = rows[id(hp)] = (_hyper_row(hp), _hyper_flags(hp) | 4 * int(hp.stochastic_rounding))
                 table.append(row[0])
                 flags.append(row[1])
             self.hyper = np.array(table, dtype=np.float32)
-            self.info[:, 3] = flags
+            # the stochastic-rounding flag only on bf16 tensors (as _info)
+            self.info[:, 3] = np.array(flags, dtype=np.int32) & ~(4 * ~self._bf16)
             self._hypers = hypers
+        if srkeys is not None:
+            self.info[:, 5] = srkeys.view(np.int32)
         self._set_grads(grads)
         try:
             self.backend._launch(self.n, self.ptr, self.info.reshape(-1), self.hyper, self.qc)

@@ -133,6 +133,7 @@ class Variant:
     # one tensor holding all the model's parameters: the kernel's speed without the optimizer's
     # per-tensor Python work (the goals are judged on the real, many-tensor rows)
     flat: bool = False
+    sr: bool = False  # lionkit, bf16: stochastic rounding of the parameters
 
     def key(self) -> str:
         return f"{self.name} [{self.dtype}]"
@@ -162,6 +163,8 @@ def build_optimizer(v: Variant, params) -> Any:
             # the step itself: without the separate pass over every gradient that the default
             # nonfinite="raise" makes (its cost is the "+ finite check" row)
             kw["nonfinite"] = "propagate"
+        if v.sr:
+            kw.update(stochastic_rounding=True, sr_seed=0)
         return cls(params, lr=lr, betas=betas, weight_decay=wd, backend=v.backend, **kw)
     if v.name == "bnb Lion":
         import bitsandbytes as bnb
@@ -198,6 +201,8 @@ def variants_for(device: str, peers: bool) -> list[Variant]:
             out.append(Variant(f"lionkit {bits}-bit {fast}", "lionkit", dt, fast, bits, compiles=True))
             out.append(Variant(f"lionkit {bits}-bit torch", "lionkit", dt, "torch", bits))
         out.append(Variant(f"lionkit 32-bit {fast} +check", "lionkit", dt, fast, 32, guard=True))
+        if dt == "bf16":  # pure-bf16 training's recipe: weights rounded stochastically
+            out.append(Variant(f"lionkit 8-bit {fast} +SR", "lionkit", dt, fast, 8, sr=True))
         # 4-bit momentum: fused on the CPU; the eager backend elsewhere (no Triton kernel yet)
         if device == "cpu":
             out.append(Variant(f"lionkit 4-bit {fast}", "lionkit", dt, fast, 4))

@@ -129,16 +129,26 @@ def stochastic_round_into(
 _M32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values in
-    [0, 2**32). The multipliers are odd and below 2**31, so every product fits in int64."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0x297A2D39) & _M32
+# xorshift-multiply hashes of 32-bit integers: (shift, odd multiplier) rounds, then x ^= x >> 16
+_MIX32 = ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (13, 0x297A2D39))  # three rounds (counter_hash)
+_LOWBIAS32 = ((16, 0x7FEB352D), (15, 0x846CA68B))  # two rounds, Wellons' "lowbias32" (sr_hash)
+
+
+def _xmx(x: torch.Tensor, rounds: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The hash with ``rounds`` on int64 tensors holding values in [0, 2**32) (the multipliers
+    are below 2**32, so every product fits in int64 before it is cut to 32 bits)."""
+    for shift, mult in rounds:
+        x = x ^ (x >> shift)
+        x = (x * mult) & _M32
     return x ^ (x >> 16)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    return _xmx(x, _MIX32)
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    return _xmx(x, _LOWBIAS32)
 
 
 def counter_hash(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -152,16 +162,6 @@ def counter_hash(key: int, start: int, count: int, device: torch.device | str = 
     if start + count > (1 << 32):  # mix(0) == 0: indices below 2**32 need no fold
         x = x ^ _mix32((idx >> 32) & _M32)
     return _mix32(x ^ (key & _M32))
-
-
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """A cheaper 32-bit integer hash (two multiply rounds; Wellons' "lowbias32" constants), on
-    int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
 
 
 def sr_hash(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -18,7 +18,8 @@ _OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton not installed (pip install 'lionkit[triton]')")
 
-from kernel_cases import DTYPES, HYPERS, run_multi, run_pair  # noqa: E402
+from kernel_cases import DTYPES, HYPERS, clone_mom, make_case, run_multi, run_pair  # noqa: E402
+from lionkit.kernels.base import StepHyper  # noqa: E402
 from lionkit import kernels, quant, quant_fast  # noqa: E402
 from lionkit.kernels import triton_lion  # noqa: E402
 
@@ -122,3 +123,19 @@ def test_auto_falls_back_when_the_kernels_fail(_interpreter, monkeypatch):
     monkeypatch.setattr(strict, "_launch", broken)
     with pytest.raises(RuntimeError, match="no kernel"):
         run_pair(strict, (300,), torch.float32, 8, True, HYPERS["plain"], steps=1)
+
+
+SR_HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, stochastic_rounding=True, seed=2**62 + 12345)
+
+
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_stochastic_rounding_equals_torch_backend(backend, bits, block_wise):
+    # bf16 parameters rounded stochastically in the kernels: rounding.sr_hash's numbers, the
+    # same bits as TorchBackend; and not rounding to nearest in disguise
+    run_pair(backend, (1031,), torch.bfloat16, bits, block_wise, SR_HYPER, steps=2)
+    run_pair(backend, (700,), torch.bfloat16, bits, block_wise, SR_HYPER, steps=1, grad_dtype=torch.float32)
+    p, g, m = make_case((1031,), torch.bfloat16, bits, block_wise)
+    p_sr, m_sr = p.clone(), clone_mom(m)
+    backend.step_many([p_sr], [g], [m_sr], [StepHyper(**SR_HYPER)])
+    backend.step_many([p], [g], [m], [StepHyper(**{**SR_HYPER, "stochastic_rounding": False})])
+    assert not torch.equal(p_sr, p)

@@ -67,6 +67,35 @@ def _round_to(x, PT: tl.constexpr):
 
 
 @triton.jit
+def _lowbias32(x):
+    # rounding._lowbias32 on uint32 (products wrap modulo 2**32)
+    # (the multipliers as uint32 scalars: a literal above 2**31 must not widen the product)
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _store_p(ptr, offs, x, mask, sr, key, PT: tl.constexpr):
+    # the parameter's store: to nearest, or for bf16 with `sr` stochastically with
+    # rounding.sr_hash(key, index) (rounding.stochastic_round_keyed): the hash's top 16 bits
+    # added to the pattern, then truncated; NaN and inf to nearest
+    near = _round_to(x, PT)
+    if PT == tl.bfloat16:
+        idx = offs.to(tl.int64)
+        hi = (idx >> 32).to(tl.uint32)
+        salt = tl.where(hi != 0, _lowbias32(hi), 0).to(tl.uint32)
+        h = _lowbias32(idx.to(tl.uint32) ^ key ^ salt)
+        u = x.to(tl.uint32, bitcast=True)
+        up = ((u + (h >> 16)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        finite = (u & 0x7F800000) != 0x7F800000
+        near = tl.where(sr & finite, up, near)
+    tl.store(ptr + offs, near, mask=mask)
+
+
+@triton.jit
 def _quantize(x, LUT, key0, nb, zero):
     # quant_fast's bucket table: top 15 bits of |x| pick the bucket, one compare finishes
     b = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -76,6 +105,12 @@ def _quantize(x, LUT, key0, nb, zero):
     j = (e >> 17) + ((b & 0xFFFF) >= (e & 0x1FFFF)).to(tl.int32)
     code = tl.where(x > 0, zero + 1 + j, tl.where(neg, zero - 1 - j, zero))
     return tl.where(x != x, 255, code)  # NaN: where torch.bucketize puts it
+
+@triton.jit
+def _sr_args(FLAGS, KEYS, t):
+    # flag 4: the parameter is rounded stochastically with key KEYS[t] (uint32 bits)
+    return (tl.load(FLAGS + t) & 4) != 0, tl.load(KEYS + t).to(tl.uint32, bitcast=True)
+
 
 @triton.jit
 def _tensor_args(ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, PT: tl.constexpr, GT: tl.constexpr, MT: tl.constexpr):
@@ -92,10 +127,11 @@ def _tensor_args(ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, PT: tl.constexpr, G
             tl.load(h + 4), tl.load(h + 5), tl.load(h + 6), tl.load(h + 7), skip)
 
 @triton.jit
-def lion32(ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, PT: tl.constexpr, GT: tl.constexpr,
+def lion32(ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, KEYS, PT: tl.constexpr, GT: tl.constexpr,
            BLOCK: tl.constexpr, ITERS: tl.constexpr):
     t, start, n, p_ptr, g_ptr, m_ptr, lr, b1, omb1, b2, omb2, decay, gs, clip, skip = _tensor_args(
         ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, PT, GT, tl.float32)
+    sr, key = _sr_args(FLAGS, KEYS, t)
     for i in tl.static_range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -103,11 +139,11 @@ def lion32(ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, PT: tl.constexpr, GT: tl.
         g = _grad_in(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), gs, clip)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         pn, mn = _lion(p, g, m, lr, b1, omb1, b2, omb2, decay, skip)
-        tl.store(p_ptr + offs, _round_to(pn, PT), mask=mask)
+        _store_p(p_ptr, offs, pn, mask, sr, key, PT)
         tl.store(m_ptr + offs, mn, mask=mask)
 
 @triton.jit
-def lion8(ITEM_T, ITEM_S, P, G, M, A, NUMEL, HYP, FLAGS, QC, PART, SCALE,
+def lion8(ITEM_T, ITEM_S, P, G, M, A, NUMEL, HYP, FLAGS, KEYS, QC, PART, SCALE,
           PT: tl.constexpr, GT: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr, PASS: tl.constexpr):
     # PASS 0: block-wise step (new absmax per row of 256). PASS 1: per-tensor, update p and
     # write this program's max |m_new| to PART. PASS 2: per-tensor, recompute m_new from
@@ -115,6 +151,7 @@ def lion8(ITEM_T, ITEM_S, P, G, M, A, NUMEL, HYP, FLAGS, QC, PART, SCALE,
     t, start, n, p_ptr, g_ptr, c_ptr, lr, b1, omb1, b2, omb2, decay, gs, clip, skip = _tensor_args(
         ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, PT, GT, tl.uint8)
     a_ptr = tl.load(A + t).to(tl.pointer_type(tl.float32))
+    sr, key = _sr_args(FLAGS, KEYS, t)
     key0 = tl.load(QC + KEY0)
     nb = tl.load(QC + NB)
     zero = tl.load(QC + ZERO)
@@ -137,7 +174,7 @@ def lion8(ITEM_T, ITEM_S, P, G, M, A, NUMEL, HYP, FLAGS, QC, PART, SCALE,
         g = _grad_in(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), gs, clip)
         pn, mn = _lion(p, g, m, lr, b1, omb1, b2, omb2, decay, skip)
         if PASS != 2:
-            tl.store(p_ptr + offs, _round_to(pn, PT), mask=mask)
+            _store_p(p_ptr, offs, pn, mask, sr, key, PT)
         mn = tl.where(mask, mn, 0.0)
         if PASS == 0:
             # new absmax of each block; max |.| propagates NaN as torch's amax does

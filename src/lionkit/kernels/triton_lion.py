@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import quant_fast
+from .. import quant_fast, rounding
 from ..qstate import QuantizedState
 from .base import Momentum, StepHyper, fused_momentum_ok
 from .torch_eager import TorchBackend
@@ -112,7 +112,9 @@ class TritonBackend:
     with ``allow_cpu=True``, for testing)."""
 
     name = "triton"
-    stochastic_rounding = False  # tensors that need it go to TorchBackend
+    # honours StepHyper.stochastic_rounding: bf16 parameters in the kernels (rounding.sr_hash's
+    # numbers, as TorchBackend); fp16 ones go to TorchBackend
+    stochastic_rounding = True
 
     def __init__(
         self,
@@ -159,7 +161,7 @@ class TritonBackend:
         for item in zip(params, grads, moms, hypers):
             p, g, m, hp = item
             ok = (
-                not (getattr(hp, "stochastic_rounding", False) and p.dtype != torch.float32)
+                not (getattr(hp, "stochastic_rounding", False) and p.dtype == torch.float16)
                 and g.dtype in _DTYPES and g.device == p.device and g.is_contiguous() and g.numel() == p.numel()
                 and self.supports(p, m)
             )
@@ -232,14 +234,19 @@ class TritonBackend:
         rows: dict[StepHyper, tuple[float, ...]] = {}
         hyp = np.empty((len(items), 8), dtype=np.float32)  # numpy rounds to fp32 like torch
         flags = np.empty(len(items), dtype=np.int32)
-        for i, (_, _, _, hp) in enumerate(items):
+        keys = np.zeros(len(items), dtype=np.uint32)
+        for i, (p, _, _, hp) in enumerate(items):
             row = rows.get(hp)
             if row is None:
                 row = rows[hp] = _hyper_row(hp)
             hyp[i] = row
-            flags[i] = int(hp.skip_zeros)
+            sr = hp.stochastic_rounding and p.dtype == torch.bfloat16
+            flags[i] = int(hp.skip_zeros) | 4 * int(sr)
+            if sr:
+                keys[i] = rounding.key32(hp.seed)
         hyp_t = torch.from_numpy(hyp.reshape(-1)).to(device)
-        flags_t = torch.from_numpy(flags).to(device)
+        flags_t = torch.from_numpy(np.stack([flags, keys.view(np.int32)])).to(device)
+        flags_t, keys_t = flags_t[0], flags_t[1]  # one copy to the device for both
         nitems = int(tb["ITEM_T"].numel())
         grid = (nitems,)
         pt, gt = _tl_dtype(pdt), _tl_dtype(gdt)
@@ -247,17 +254,18 @@ class TritonBackend:
         # enable_fp_fusion=False: no FMA contraction, so results equal the reference bit for bit
         opts = {"enable_fp_fusion": False}
         if mode == _MODE_32:
-            k.lion32[grid](*common, tb["NUMEL"], hyp_t, flags_t, PT=pt, GT=gt, BLOCK=self.block, ITERS=self.iters, **opts)
+            k.lion32[grid](*common, tb["NUMEL"], hyp_t, flags_t, keys_t, PT=pt, GT=gt, BLOCK=self.block, ITERS=self.iters,
+                           **opts)
             return
         qmap = items[0][2].qmap
         qc = _qc_tensor(qmap, device)
         launch = dict(PT=pt, GT=gt, ROWS=self.rows, ITERS=self.rows_iters, **opts)
         if mode == _MODE_8_BLOCK:
-            k.lion8[grid](*common, tb["A"], tb["NUMEL"], hyp_t, flags_t, qc, hyp_t, hyp_t, PASS=0, **launch)
+            k.lion8[grid](*common, tb["A"], tb["NUMEL"], hyp_t, flags_t, keys_t, qc, hyp_t, hyp_t, PASS=0, **launch)
             return
         part = torch.empty(nitems, dtype=torch.float32, device=device)
         scale = torch.empty(len(items), dtype=torch.float32, device=device)
-        k.lion8[grid](*common, tb["A"], tb["NUMEL"], hyp_t, flags_t, qc, part, scale, PASS=1, **launch)
+        k.lion8[grid](*common, tb["A"], tb["NUMEL"], hyp_t, flags_t, keys_t, qc, part, scale, PASS=1, **launch)
         k.reduce_parts[(len(items),)](part, tb["FIRST"], scale, BLOCK=256)
-        k.lion8[grid](*common, tb["A"], tb["NUMEL"], hyp_t, flags_t, qc, part, scale, PASS=2, **launch)
+        k.lion8[grid](*common, tb["A"], tb["NUMEL"], hyp_t, flags_t, keys_t, qc, part, scale, PASS=2, **launch)
         k.store_scales[(len(items),)](tb["A"], scale)

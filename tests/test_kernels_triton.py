@@ -98,11 +98,12 @@ def test_on_gpu_equals_torch_backend():
                 p, g, m = make_case((5000, 37), dtype, bits, bw)
                 p, g = p.cuda(), g.cuda()
                 m = m.cuda() if bits == 32 else type(m)(m.codes.cuda(), m.absmax.cuda(), m.qmap.cuda(), m.block_size)
-                pr, mr = p.clone(), clone_mom(m)
-                hp = StepHyper(**HYPERS["all"])
-                TorchBackend().step_many([pr], [g], [mr], [hp])
-                gpu.step_many([p], [g], [m], [hp])
-                assert_same(pr, p, mr, m, f"GPU {bits}-bit {dtype}")
+                for hyper in (HYPERS["all"], SR_HYPER):  # SR: bf16 in the kernel, fp16 eager
+                    pr, mr = p.clone(), clone_mom(m)
+                    hp = StepHyper(**hyper)
+                    TorchBackend().step_many([pr], [g], [mr], [hp])
+                    gpu.step_many([p], [g], [m], [hp])
+                    assert_same(pr, p, mr, m, f"GPU {bits}-bit {dtype} {hyper}")
     finally:
         os.environ["TRITON_INTERPRET"] = "1"
 

@@ -18,6 +18,7 @@ CONFIGS = {
     "lion32-clip-skip": dict(cls=lionkit.Lion, kw=dict(grad_clip_value=1e-3, args=None)),
     "lion8-propagate": dict(cls=lionkit.Lion8bit, kw=dict(min_8bit_size=300, nonfinite="propagate")),
 }
+FOUR_BIT = dict(cls=lionkit.Lion4bit, kw=dict(min_8bit_size=300))  # planned on the compiled backend only
 BACKENDS = ["torch", "auto"]
 
 
@@ -45,7 +46,7 @@ class Pair:
     """The same optimizer twice: one may plan, the other never does."""
 
     def __init__(self, monkeypatch, config="lion32", backend="torch", dtype=torch.float32, schedule=False, **extra):
-        spec = CONFIGS[config]
+        spec = FOUR_BIT if config == "lion4" else CONFIGS[config]
         self.pa, self.pb = _model(dtype), _model(dtype)
         kw = dict(lr=1e-2, weight_decay=0.1, backend=backend, **spec["kw"], **extra)
         self.a = spec["cls"](_groups(self.pa, schedule), **kw)
@@ -249,6 +250,17 @@ def test_planned_stochastic_rounding_is_bit_identical(monkeypatch, config):
     assert not all(torch.equal(p, q) for p, q in zip(pair.pa, plain.pa))
 
 
+@pytest.mark.parametrize("dtype,extra", [(torch.float32, {}), (torch.float32, dict(sr_seed=5)),
+                                         (torch.bfloat16, dict(stochastic_rounding=True, sr_seed=5))],
+                         ids=["fp32", "fp32-seeded", "bf16-sr"])
+def test_planned_4bit_momentum_is_bit_identical(monkeypatch, dtype, extra):
+    # the 4-bit momentum's rounding keys change every step: the plan computes them itself
+    pair = Pair(monkeypatch, "lion4", "auto", dtype, schedule=True, **extra)
+    for k in range(5):
+        pair.step(k)
+    assert pair.planned == 4
+
+
 def test_not_planned_when_steps_need_per_step_work():
     for kw in (dict(percentile_clipping=90), dict(grad_clip_norm=1.0), dict(stochastic_rounding=True, backend="torch")):
         params = _model(torch.bfloat16 if "stochastic_rounding" in kw else torch.float32)
@@ -258,7 +270,7 @@ def test_not_planned_when_steps_need_per_step_work():
             opt.step()
         assert opt._plan is None, kw
     params = _model()
-    opt = lionkit.Lion4bit(params, lr=1e-3, min_8bit_size=300)
+    opt = lionkit.Lion4bit(params, lr=1e-3, min_8bit_size=300, backend="torch")
     _set_grads(params, 0)
     opt.step()
     assert opt._plan is None

@@ -352,3 +352,5 @@ def test_derive_keys32_equals_the_scalar_derivation():
     for seed in (0, 9, 2**62 + 7):
         want = [rounding.key32(rounding.derive_seed(seed, int(s), int(i))) for s, i in zip(steps, idx)]
         assert rounding.derive_keys32(seed, steps, idx).tolist() == want
+        four = [rounding.derive_seed(seed, int(s), int(i), 4) for s, i in zip(steps, idx)]
+        assert rounding.derive_seeds(seed, steps, idx, 4).tolist() == four

@@ -16,11 +16,11 @@ per parameter, that nothing it relies on moved:
 
 Anything else (a new or missing gradient, a replaced tensor, a loaded checkpoint, a changed
 setting, a non-finite gradient) falls back to the full path, which raises its usual errors or
-takes the step and builds a new plan. Stochastic rounding of bf16 parameters is planned when the
-kernel takes its keys (the compiled CPU backend): they are computed for all parameters at once
-each step. Steps that need other per-step work per parameter are not planned
-at all: gradient-norm and percentile clipping, 4-bit momentum, DTensor, stochastic rounding on
-other backends or of fp16 parameters,
+takes the step and builds a new plan. Stochastic rounding of bf16 parameters and 4-bit momentum
+are planned when the kernel takes their keys (the compiled CPU backend): they are computed for
+all parameters at once each step. Steps that need other per-step work per parameter are not
+planned at all: gradient-norm and percentile clipping, DTensor, stochastic rounding or 4-bit
+momentum on other backends, stochastic rounding of fp16 parameters,
 complex or non-contiguous parameters, paged state, per-parameter overrides, and parameters at
 different step counts in a group whose lr is a callable schedule. The result of a planned step is bit-identical to the full path's (tested).
 """
@@ -38,6 +38,7 @@ from .kernels.base import Backend, Momentum, StepHyper
 from .qstate import QuantizedState
 
 _STRIDED = torch.strided
+_MOMENTUM_STREAM = 4  # optimizer._MOMENTUM_STREAM: the 4-bit momentum's keys (derive_seed)
 
 
 class Plan:
@@ -74,7 +75,7 @@ class Plan:
         # seeds, different per parameter and step, go to the kernel as keys instead); a planned
         # step changes only lr
         self.sr_flags = [hp.stochastic_rounding for _, _, _, _, hp in items]
-        self.group_hyper = {(gi, hp.stochastic_rounding): replace(hp, seed=0) for gi, _, _, _, hp in items}
+        self.group_hyper = {(gi, hp.stochastic_rounding): replace(hp, seed=0, mseed=0) for gi, _, _, _, hp in items}
         self.steps = [st["step"] for st in self.states]  # each parameter's step count so far
         # a scheduled group's parameters share one step count (``eligible``): its lr's argument
         self.group_step = {gi: st for gi, st in zip(self.group_idx, self.steps)}
@@ -83,14 +84,17 @@ class Plan:
         self.active_groups = sorted(set(self.group_idx))
         prepare = getattr(backend, "prepare", None)
         self.prepared = prepare(self.params, self.gdtypes, self.moms) if prepare is not None else None
-        # stochastic rounding: each step's keys from (sr_seed, step, parameter index), computed
-        # at once; only a backend that takes keys (the compiled one, bf16 parameters) can replay it
+        # stochastic rounding of the weights and 4-bit momentum: each step's keys from (sr_seed,
+        # step, parameter index), computed for all parameters at once; only a backend that takes
+        # keys (the compiled one; bf16 parameters for the weights) can replay them
         self.sr_seed = opt.sr_seed if any(self.sr_flags) else None
-        self.usable = self.sr_seed is None or (
+        self.four = np.array([isinstance(m, QuantizedState) and m.bits == 4 for m in self.moms], dtype=bool)
+        self.m4_seed = (opt.sr_seed or 0) if self.four.any() else None
+        self.usable = (self.sr_seed is None and self.m4_seed is None) or (
             self.prepared is not None
             and all(dt == torch.bfloat16 for dt, sr in zip(self.pdtypes, self.sr_flags) if sr)
         )
-        if self.sr_seed is not None:
+        if self.sr_seed is not None or self.m4_seed is not None:
             sr_index = opt._sr_index()
             self.sr_idx = np.array([sr_index[id(p)] for p in self.params], dtype=np.uint64)
         self._hyper_key: Optional[tuple] = None
@@ -175,10 +179,14 @@ class Plan:
     def run(self, grads: list[torch.Tensor], hypers: list[StepHyper]) -> None:
         """The kernels, on the planned tensors."""
         if self.prepared is not None:
-            keys = None
-            if self.sr_seed is not None:  # this step is step + 1 of each parameter
-                keys = rounding.derive_keys32(self.sr_seed, np.array(self.steps, dtype=np.uint64) + 1, self.sr_idx)
-            self.prepared.run(grads, hypers, keys)
+            keys = mkeys = None
+            step = np.array(self.steps, dtype=np.uint64) + 1  # this step is step + 1 of each parameter
+            if self.sr_seed is not None:
+                keys = rounding.derive_keys32(self.sr_seed, step, self.sr_idx)
+            if self.m4_seed is not None:  # as the optimizer's mseed: the low 32 bits
+                seeds = rounding.derive_seeds(self.m4_seed, step, self.sr_idx, _MOMENTUM_STREAM)
+                mkeys = np.where(self.four, seeds & np.uint64(0xFFFFFFFF), 0).astype(np.uint32)
+            self.prepared.run(grads, hypers, keys, mkeys)
         else:
             self.backend.step_many(self.params, grads, self.moms, hypers)
 
@@ -227,7 +235,6 @@ def eligible(opt: Any, plans: Sequence[tuple], moms: Sequence[Momentum]) -> bool
             or p.device != device
             or p.grad is None
             or not p.grad.is_contiguous()
-            or (isinstance(m, QuantizedState) and m.bits == 4)
             # an inf in a one-scale 8-bit momentum needs the full path's NaN fix-up
             or (opt.nonfinite == "propagate" and isinstance(m, QuantizedState) and m.block_size is None)
         ):

@@ -20,7 +20,7 @@ ParamsT = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 LRType = Union[float, torch.Tensor, Callable[[int], float]]
 
 
-_MOMENTUM_STREAM = 4  # separates the 4-bit momentum's random numbers from the weights' (derive_seed)
+_MOMENTUM_STREAM = fastpath._MOMENTUM_STREAM  # separates the 4-bit momentum's random numbers from the weights
 
 
 class _LionBase(torch.optim.Optimizer):

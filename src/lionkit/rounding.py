@@ -207,13 +207,20 @@ def _splitmix64_np(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def derive_seeds(seed: int, *parts: np.ndarray | int) -> np.ndarray:
+    """``derive_seed(seed, *parts)`` for arrays of parts (uint64 array; int parts broadcast):
+    the seeds of many parameters at once."""
+    arrays = [np.asarray(part, dtype=np.uint64) for part in parts]
+    z = np.full(np.broadcast_shapes(*(a.shape for a in arrays)), _splitmix64(int(seed) & _MASK64), dtype=np.uint64)
+    for a in arrays:
+        z = _splitmix64_np(z ^ a)
+    return z % np.uint64(SEED_LIMIT)
+
+
 def derive_keys32(seed: int, steps: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """``key32(derive_seed(seed, step, index))`` for arrays of steps and indices (uint32 array):
     the stochastic-rounding keys of many parameters at once."""
-    z0 = np.full(len(steps), _splitmix64(int(seed) & _MASK64), dtype=np.uint64)
-    z = _splitmix64_np(z0 ^ np.asarray(steps, dtype=np.uint64))
-    z = _splitmix64_np(z ^ np.asarray(indices, dtype=np.uint64))
-    z = z % np.uint64(SEED_LIMIT)
+    z = derive_seeds(seed, steps, indices)
     return ((z ^ (z >> np.uint64(32))) & np.uint64(_M32)).astype(np.uint32)
 
 

@@ -339,8 +339,6 @@ class CompiledBackend:
         for p, gd, m in zip(params, gdtypes, moms):
             if p.numel() == 0 or not self._fusable(p, gd, m):
                 return None
-            if isinstance(m, QuantizedState) and m.bits == 4:
-                return None  # its rounding key changes every step
             if isinstance(m, QuantizedState) and m.bits == 8:
                 if qc is not None and _constants(m.qmap) is not qc:
                     return None
@@ -421,9 +419,13 @@ class Prepared:
             self._grads = None
         return finite
 
-    def run(self, grads: Sequence[torch.Tensor], hypers: Sequence[StepHyper], srkeys: Optional[np.ndarray] = None) -> None:
-        """One step; ``srkeys`` (uint32, one per tensor): this step's stochastic-rounding keys
-        of the bf16 tensors whose StepHyper asks for it (the hypers' own seeds are not read)."""
+    def run(
+        self, grads: Sequence[torch.Tensor], hypers: Sequence[StepHyper], srkeys: Optional[np.ndarray] = None,
+        mkeys: Optional[np.ndarray] = None,
+    ) -> None:
+        """One step; ``srkeys`` / ``mkeys`` (uint32, one per tensor): this step's stochastic-
+        rounding keys of the bf16 tensors whose StepHyper asks for it, and of the 4-bit momenta
+        (the hypers' own seeds are not read)."""
         if hypers is not self._hypers:
             rows: dict[int, tuple[tuple[float, ...], int]] = {}
             table, flags = [], []
@@ -439,6 +441,8 @@ class Prepared:
             self._hypers = hypers
         if srkeys is not None:
             self.info[:, 5] = srkeys.view(np.int32)
+        if mkeys is not None:
+            self.info[:, 4] = mkeys.view(np.int32)
         self._set_grads(grads)
         try:
             self.backend._launch(self.n, self.ptr, self.info.reshape(-1), self.hyper, self.qc)

@@ -243,7 +243,7 @@ class CompiledBackend:
 
     name = "compiled"
     # honours StepHyper.stochastic_rounding: bf16 parameters in the kernel (the same random
-    # numbers as TorchBackend: rounding.counter_hash); fp16 ones go to TorchBackend
+    # numbers as TorchBackend: rounding.sr_hash); fp16 ones go to TorchBackend
     stochastic_rounding = True
 
     def __init__(self, scalar: Optional[bool] = None) -> None:
@@ -370,14 +370,14 @@ def _info(p: torch.Tensor, gdtype: torch.dtype, m: Momentum, hp: StepHyper) -> t
         mode = _MODE_8_TENSOR if m.block_size is None else _MODE_8_BLOCK
     else:
         mode = _MODE_32
-    sr = hp.stochastic_rounding and p.dtype == torch.bfloat16
-    srkey = _as_int32(rounding.key32(hp.seed)) if sr else 0
-    return (mode, _DTYPE_CODE[p.dtype], _DTYPE_CODE[gdtype], _hyper_flags(hp) | 4 * int(sr), key, srkey)
+    srkey = _as_int32(rounding.key32(hp.seed)) if hp.stochastic_rounding else 0
+    return (mode, _DTYPE_CODE[p.dtype], _DTYPE_CODE[gdtype], _hyper_flags(hp), key, srkey)
 
 
 def _hyper_flags(hp: StepHyper) -> int:
+    # 4: round stochastically (the kernel does so for bf16 parameters only)
     gsc = hp.grad_scale != 1.0 or hp.clip_value is not None
-    return int(hp.skip_zeros) | 2 * int(gsc)
+    return int(hp.skip_zeros) | 2 * int(gsc) | 4 * int(hp.stochastic_rounding)
 
 
 class Prepared:
@@ -398,7 +398,6 @@ class Prepared:
         self.hyper = np.zeros((self.n, 8), dtype=np.float32)
         self._numel = np.ascontiguousarray(self.ptr[4])
         self._gdt = np.ascontiguousarray(self.info[:, 2])
-        self._bf16 = self.info[:, 1] == _DTYPE_CODE[torch.bfloat16]
         self._grads: Optional[Sequence[torch.Tensor]] = None
 
     def _set_grads(self, grads: Sequence[torch.Tensor]) -> None:
@@ -432,12 +431,11 @@ class Prepared:
             for hp in hypers:
                 row = rows.get(id(hp))
                 if row is None:
-                    row = rows[id(hp)] = (_hyper_row(hp), _hyper_flags(hp) | 4 * int(hp.stochastic_rounding))
+                    row = rows[id(hp)] = (_hyper_row(hp), _hyper_flags(hp))
                 table.append(row[0])
                 flags.append(row[1])
             self.hyper = np.array(table, dtype=np.float32)
-            # the stochastic-rounding flag only on bf16 tensors (as _info)
-            self.info[:, 3] = np.array(flags, dtype=np.int32) & ~(4 * ~self._bf16)
+            self.info[:, 3] = flags
             self._hypers = hypers
         if srkeys is not None:
             self.info[:, 5] = srkeys.view(np.int32)

@@ -454,6 +454,17 @@ inline void vlion(V p, V g, V m, const VHyper& h, V* pn, V* mn) {
 
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
+// Block maxima of |m_new|: the bit patterns of |v| folded into a running max (patterns of
+// non-negative floats order as their values, and those of inf and NaN above every finite one,
+// so the NaN rule needs no second reduction), then read out as absmax_exact would.
+inline __m512i vmax_abs_bits(__m512i acc, V v) {
+  return _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)), acc);
+}
+inline float max_abs_of(__m512i acc) {
+  const uint32_t s = (uint32_t)_mm512_reduce_max_epu32(acc);
+  return s <= 0x7F800000u ? bits_f(s) : NAN;
+}
+
 template <int PT, int GT, bool GSC, bool SKIP>
 inline void step32_16(typename IO<PT>::T* p, const typename IO<GT>::T* g, float* m, int64_t i, const VHyper& h,
                       __mmask16 k) {  // elements i..i+15 (lanes k)
@@ -549,19 +560,16 @@ float run8_vec_t(void* pv, const void* gv, const uint8_t* codes, float sold, int
   const int64_t n = n1 - n0;
   VHyper h(hs);
   const V vs = _mm512_set1_ps(sold);
-  V amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+  __m512i amax = _mm512_setzero_si512();
   int64_t i = 0;
   for (; i + 16 <= n || i < n; i += 16) {
     __mmask16 k = i + 16 <= n ? (__mmask16)0xFFFF : tail_mask(n - i);
     V mn = k == 0xFFFF ? step8_16<PT, GT, GSC, SKIP, WRITE_P>(p, g, codes, n0 + i, vs, h, q.qmap, 0xFFFF)
                        : step8_16<PT, GT, GSC, SKIP, WRITE_P>(p, g, codes, n0 + i, vs, h, q.qmap, k);
     _mm512_store_ps(buf + i, mn);  // buf holds whole vectors
-    amax = _mm512_max_ps(_mm512_abs_ps(mn), amax);
-    sum = _mm512_add_ps(sum, mn);  // NaN (or inf) anywhere makes the sum non-finite
+    amax = vmax_abs_bits(amax, mn);
   }
-  float s = _mm512_reduce_max_ps(amax);
-  if (!std::isfinite(_mm512_reduce_add_ps(sum))) s = absmax_exact(buf, n);  // the NaN rule, rarely needed
-  return s;
+  return max_abs_of(amax);
 }
 
 // 8-bit: new momentum of [n0, n1) into buf (from index 0), p updated if write_p; returns
@@ -640,7 +648,6 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
   // 64 codes packed from four vectors of 16 by two in-lane packs hold, in 128-bit lane L,
   // codes 4L..4L+3 of each vector: one dword permutation puts them back in element order
   const __m512i packed = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF);
   int cur = 0;
   int64_t prev0 = -1, prev_len = 0;
   float s_prev = 0.0f;
@@ -656,9 +663,7 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
     }
     const V sold = _mm512_set1_ps(len ? absmax[b0 / LK_BLOCK] : 0.0f);
     const V sq = _mm512_set1_ps(s_prev);
-    // max |m_new| as the max of the bit patterns of |m_new|: those of NaN and inf are above
-    // every finite one, so the rare non-finite block is seen without a second reduction
-    __m512i amax = _mm512_setzero_si512();
+    __m512i amax = _mm512_setzero_si512();  // max |m_new| of this block (vmax_abs_bits)
     if (len == LK_BLOCK && (qlen == 0 || qlen == LK_BLOCK)) {  // the common case: whole blocks
       for (int64_t i = 0; i < LK_BLOCK; i += 64) {
         V mq[4];
@@ -677,7 +682,7 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
           const int64_t o = i + 16 * r;
           V mn = step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + o, mq[r], sold, h, 0xFFFF);
           _mm512_store_ps(bn + o, mn);
-          amax = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(mn), absm), amax);
+          amax = vmax_abs_bits(amax, mn);
           if (qlen) cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));  // IEEE division, as the reference
         }
         if (qlen) {
@@ -691,7 +696,7 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
           __mmask16 k = tail_mask(len - i);
           V mn = step8_16<PT, GT, GSC, SKIP, true>(p, g, codes, b0 + i, sold, h, q.qmap, k);
           _mm512_store_ps(bn + i, mn);
-          amax = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(mn), absm), amax);
+          amax = vmax_abs_bits(amax, mn);
         }
         if (i < qlen) {
           __mmask16 k = tail_mask(qlen - i);
@@ -702,10 +707,8 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
     }
     if (prev0 >= 0) absmax[prev0 / LK_BLOCK] = s_prev;
     if (!len) break;
-    const uint32_t sbits = (uint32_t)_mm512_reduce_max_epu32(amax);
-    // NaN or inf (the NaN rule, rarely): as quant.block_absmax, 8 bits cannot hold inf, the
-    // block decodes to NaN
-    const float s = sbits < 0x7F800000u ? bits_f(sbits) : NAN;
+    float s = max_abs_of(amax);
+    if (std::isinf(s)) s = NAN;  // as quant.block_absmax: 8 bits cannot hold inf, the block decodes to NaN
     prev0 = b0;
     prev_len = len;
     s_prev = s;
@@ -732,7 +735,6 @@ void run4_vec(void* pv, const void* gv, uint8_t* codes, float* absmax, int64_t n
   const __m512i one = _mm512_set1_epi32(1), vkey = _mm512_set1_epi32((int)key);
   const V two24 = _mm512_set1_ps(1.0f / 16777216.0f);
   const __m128i nib = _mm_set1_epi8(0x0F), pair = _mm_set1_epi16(0x1001);  // bytes (1, 16): c0 + 16 c1
-  alignas(64) float buf[LK_BLOCK4];
   for (int64_t b0 = n0; b0 < n1; b0 += LK_BLOCK4) {
     float* am = absmax + b0 / LK_BLOCK4;
     if (n1 - b0 < LK_BLOCK4) {
@@ -752,12 +754,7 @@ void run4_vec(void* pv, const void* gv, uint8_t* codes, float* absmax, int64_t n
       vlion<SKIP>(VIO<PT>::ld(p + i, 0xFFFF), vgrad_in<GSC>(VIO<GT>::ld(g + i, 0xFFFF), h), m, h, &pn, &mn[r]);
       vst_p<PT>(p, i, pn, 0xFFFF, h);
     }
-    float s = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(mn[0]), _mm512_abs_ps(mn[1])));
-    if (!std::isfinite(_mm512_reduce_add_ps(_mm512_add_ps(mn[0], mn[1])))) {  // the NaN rule, rarely
-      _mm512_store_ps(buf, mn[0]);
-      _mm512_store_ps(buf + 16, mn[1]);
-      s = absmax_exact(buf, LK_BLOCK4);
-    }
+    float s = max_abs_of(vmax_abs_bits(vmax_abs_bits(_mm512_setzero_si512(), mn[0]), mn[1]));
     if (std::isinf(s)) s = NAN;
     if (!(s > 0.0f)) {  // a zero or NaN scale: every element gets the zero code
       std::memset(cb, 0x77, LK_BLOCK4 / 2);

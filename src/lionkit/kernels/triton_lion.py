@@ -235,14 +235,14 @@ class TritonBackend:
         hyp = np.empty((len(items), 8), dtype=np.float32)  # numpy rounds to fp32 like torch
         flags = np.empty(len(items), dtype=np.int32)
         keys = np.zeros(len(items), dtype=np.uint32)
-        for i, (p, _, _, hp) in enumerate(items):
+        for i, (_, _, _, hp) in enumerate(items):
             row = rows.get(hp)
             if row is None:
                 row = rows[hp] = _hyper_row(hp)
             hyp[i] = row
-            sr = hp.stochastic_rounding and p.dtype == torch.bfloat16
-            flags[i] = int(hp.skip_zeros) | 4 * int(sr)
-            if sr:
+            # 4: round stochastically (the kernels do so for bf16 parameters only)
+            flags[i] = int(hp.skip_zeros) | 4 * int(hp.stochastic_rounding)
+            if hp.stochastic_rounding:
                 keys[i] = rounding.key32(hp.seed)
         hyp_t = torch.from_numpy(hyp.reshape(-1)).to(device)
         flags_t = torch.from_numpy(np.stack([flags, keys.view(np.int32)])).to(device)

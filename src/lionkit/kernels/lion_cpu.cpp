@@ -342,17 +342,26 @@ template <> struct VIO<BF16> {
   static V ld(const uint16_t* p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
   }
-  static void st(uint16_t* p, V v, __mmask16 k) {
-#ifdef __AVX512BF16__
-    _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
-#else
+  // round to nearest even in integer arithmetic (f_to_bf16 on 16 lanes)
+  static __m256i round_int(V v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
-#endif
+    return _mm512_cvtepi32_epi16(r);
   }
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  // vcvtneps2bf16 rounds to nearest even but flushes subnormal inputs to zero (it ignores
+  // MXCSR); a vector holding one (fpclass 0x20) takes the integer rounding instead
+  static void st(uint16_t* p, V v, __mmask16 k) {
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0))
+      _mm256_mask_storeu_epi16(p, k, round_int(v));
+    else
+      _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+#else
+  static void st(uint16_t* p, V v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, round_int(v)); }
+#endif
 };
 template <> struct VIO<F16> {
   static V ld(const uint16_t* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }

@@ -94,26 +94,85 @@ def test_kernel_constants_layout():
     assert not qc.flags.writeable
 
 
-def _codes_by_code_table(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """code_table's rule written out in int64 (what the AVX-512 kernel computes)."""
+def _code_table_sum(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """entry + low of code_table's rule in int64, modulo 2**32 (what the AVX-512 kernel adds)."""
     table = quant_fast.bucket_table(qmap)
     entries = torch.from_numpy(quant_fast.code_table(table).astype(np.int64))
     b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    sign = b >> 31
-    twice = ((b >> 16) & 0x7FFF) * 2 + sign
-    key = (twice - 2 * table.key0).clamp(min=0) | sign
-    low = b & 0xFFFF
-    low = torch.where(sign == 1, ~low & 0xFFFFFFFF, low)
-    code = ((entries[key] + low) & 0xFFFFFFFF) >> 17
-    return torch.where((b & 0x7FFFFFFF) == 0, torch.full_like(code, table.zero), code)
+    low = torch.where(b >> 31 == 1, ~(b & 0xFFFF) & 0xFFFFFFFF, b & 0xFFFF)
+    return (entries[b >> 16] + low) & 0xFFFFFFFF
 
 
-def test_code_table_rule_equals_nearest_code():
-    near = quant_fast.near_thresholds(QMAP)
+def _codes_by_code_table(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """code_table's rule written out in int64 (what the AVX-512 kernel computes)."""
+    return _code_table_sum(x, qmap) >> 17
+
+
+def _edges(qmap: torch.Tensor, reach: int) -> torch.Tensor:
+    """Every float32 within ``reach`` patterns of a bucket edge of the table, both signs."""
+    table = quant_fast.bucket_table(qmap)
+    starts = (torch.arange(table.nb + 1, dtype=torch.int64) + table.key0) << quant_fast.KEY_SHIFT
+    bits = (starts[:, None] + torch.arange(-reach, reach + 1)[None, :]).reshape(-1)
+    bits = bits[(bits > 0) & (bits <= quant_fast.ONE_BITS)].unique()
+    pos = bits.to(torch.int32).view(torch.float32)
+    return torch.cat([pos, -pos])
+
+
+def edge_map() -> torch.Tensor:
+    """A map with a table whose thresholds sit on bucket edges: exactly at 0.125 and 0.5 (the
+    bottom of a bucket), 2 patterns below 0.25 (a bucket's top), and one in the bucket below
+    0.5 as well; log-spaced elsewhere, the two sides not symmetric."""
+    special = [0.4985, 0.5 - 2**-10, 0.5 + 2**-10, 0.125 - 2**-12, 0.125 + 2**-12,
+               0.25 - 2**-12 - 2**-25, 0.25 + 2**-12 - 2**-25]
+
+    def side(n: int, lo_exp: float) -> torch.Tensor:
+        for k in range(110, 150):
+            base = torch.logspace(lo_exp, 0, k, dtype=torch.float64)
+            keep = torch.ones(k, dtype=torch.bool)
+            for c in (0.125, 0.25, 0.5):
+                keep &= (base / c - 1).abs() > 0.06
+            vals = torch.cat([base[keep], torch.tensor(special, dtype=torch.float64)]).sort().values
+            if vals.numel() == n:
+                return vals.float()
+        raise AssertionError("no such map")
+
+    return torch.cat([-side(127, -4.7).flip(0), torch.zeros(1), side(128, -5)]).float()
+
+
+def test_edge_map_has_what_it_says():
+    qmap = edge_map()
+    quant.validate_qmap(qmap)
+    low = quant_fast.bucket_table(qmap).lut & 0x1FFFF
+    assert int(((low < 8) | ((low >= 65528) & (low < 65536))).sum()) >= 4
+
+
+def _hard_values(qmap: torch.Tensor) -> torch.Tensor:
+    """Values next to every threshold and bucket edge, a strided subset of [-1, 1], and zeros,
+    denormals and +-1."""
     strided = torch.arange(0, quant_fast.ONE_BITS + 1, 4099, dtype=torch.int64).to(torch.int32).view(torch.float32)
-    tiny = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1.0, -1.0])
-    for x in (near, torch.cat([strided, -strided]), tiny):
-        assert torch.equal(_codes_by_code_table(x, QMAP), quant.nearest_code(x, QMAP).to(torch.int64))
+    tiny = torch.arange(0, 40, dtype=torch.int32).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, 1e-38, -1e-38, 1.0, -1.0])
+    return torch.cat([quant_fast.near_thresholds(qmap, ulps=12), _edges(qmap, 12), strided, -strided, tiny, -tiny, special])
+
+
+@pytest.mark.parametrize("which", ["dynamic", "edges"])
+def test_code_table_rule_equals_nearest_code(which):
+    qmap = QMAP if which == "dynamic" else edge_map()
+    x = _hard_values(qmap)
+    assert torch.equal(_codes_by_code_table(x, qmap), quant.nearest_code(x, qmap).to(torch.int64))
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["native", "scalar"])
+def test_kernel_quantizer_on_the_edge_map(scalar):
+    from lionkit.kernels import compiled
+
+    try:
+        compiled.load(scalar)
+    except compiled.BuildError as e:
+        pytest.skip(f"CPU kernel cannot be built here: {str(e).splitlines()[0]}")
+    qmap = edge_map()
+    x = _hard_values(qmap)
+    assert torch.equal(compiled.quantize(x, qmap, scalar=scalar), quant.nearest_code(x, qmap))
 
 
 def test_symmetry_flag():

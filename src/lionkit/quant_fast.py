@@ -69,8 +69,7 @@ NO_THRESHOLD = 1 << 16
 HDR_KEY0, HDR_NB, HDR_ZERO, HDR_SYM = 1, 2, 3, 4
 QMAP_AT = 16  # 256 float32 bit patterns
 LUT_AT = QMAP_AT + 256  # 2 * NB entries: positive half, then negative half
-# then (at LUT_AT + 2 * NB) the same table as code-valued entries, signs interleaved, for the
-# AVX-512 kernel (see code_table)
+# then (at LUT_AT + 2 * NB) code_table's 65536 code-valued entries, for the AVX-512 kernel
 MAGIC = 0x4C4B5131  # "LKQ1"
 
 
@@ -139,24 +138,38 @@ def bucket_table(qmap: torch.Tensor) -> Optional[BucketTable]:
     return None if key is None else _table_for(key)
 
 
+CODE_TABLE_SIZE = 1 << 16  # code_table: one entry per top 16 bits of x (sign included)
+
+
 def code_table(table: BucketTable) -> np.ndarray:
-    """The bucket table with each entry turned into codes, the two signs interleaved (entry
-    ``2 * key + sign``), so that a code costs one addition and one shift::
+    """The bucket table as code-valued entries, one per top 16 bits of x (index = bits(x) >> 16,
+    positive half first; entries past |x| = 1 repeat the top code), so that a code costs a
+    shift, a lookup, an addition and a shift::
 
-        code = (entry + low) >> 17,   low = bits(x) & 0xFFFF  for x > 0,  ~(bits(x) & 0xFFFF)  for x < 0
+        code = (entry + low) >> 17,
+        low = bits(x) & 0xFFFF  for x >= +0,  ~(bits(x) & 0xFFFF)  for x <= -0
 
-    Positive entry: ``A << 17 | (2**17 - LOW)`` with ``A = zero + 1 + FIRST``: adding ``low``
-    carries into the code exactly when ``low >= LOW``. Negative entry: ``A << 17 | LOW`` with
-    ``A = zero - 1 - FIRST``: adding ``~low = -low - 1`` borrows from the code exactly when
-    ``low >= LOW``. (LOW = 65536, no threshold in the bucket: never.) x = +-0 is the caller's
-    (the zero code); every other x in [-1, 1], denormals included, is covered."""
+    Positive entry: ``A << 17 | (2**17 - LOW)`` with A the code below the bucket's threshold:
+    adding ``low`` carries into the code exactly when ``low >= LOW``. Negative entry: ``A << 17
+    | LOW``: adding ``~low = -low - 1`` borrows from the code exactly when ``low >= LOW``
+    (LOW = 65536, no threshold in the bucket: never). The first bucket of each sign has its
+    threshold at pattern 1: +-0 get the zero code, every other x (denormals included) a code of
+    its own sign, so zero needs no test of its own."""
     first = (table.lut >> LOW_BITS).astype(np.int64)
     low = (table.lut & ((1 << LOW_BITS) - 1)).astype(np.int64)
-    nb = table.nb
-    pos = ((table.zero + 1 + first[:nb]) << LOW_BITS) + ((1 << LOW_BITS) - low[:nb])
-    neg = ((table.zero - 1 - first[nb:]) << LOW_BITS) + low[nb:]
-    out = np.empty(2 * nb, dtype=np.int64)
-    out[0::2], out[1::2] = pos, neg
+    nb, half = table.nb, CODE_TABLE_SIZE // 2
+    halves = []
+    for h, sign in ((slice(0, nb), 1), (slice(nb, 2 * nb), -1)):
+        # per raw bucket t (top 15 bits of |x|): the code below the threshold, and LOW
+        j = np.clip(np.arange(half) - table.key0, 0, nb - 1)
+        code = table.zero + sign * (1 + first[h][j])
+        lo = low[h][j]
+        beyond = np.arange(half) >= table.key0 + nb  # |x| past the bucket of 1.0: the top code
+        code[beyond] += sign * int(low[h][nb - 1] != NO_THRESHOLD)
+        lo[beyond] = NO_THRESHOLD
+        code[0], lo[0] = table.zero, 1  # +-0 | the rest
+        halves.append((code << LOW_BITS) + ((1 << LOW_BITS) - lo if sign > 0 else lo))
+    out = np.concatenate(halves)
     assert out.min() >= 0 and out.max() < 2**32
     return out.astype(np.uint32)
 
@@ -176,7 +189,7 @@ def _kernel_constants_for(key: bytes) -> Optional[np.ndarray]:
     table = _table_for(key)
     if table is None:
         return None
-    out = np.zeros(LUT_AT + 4 * table.nb, dtype=np.uint32)
+    out = np.zeros(LUT_AT + 2 * table.nb + CODE_TABLE_SIZE, dtype=np.uint32)
     bits = np.frombuffer(key, dtype=np.uint32)
     out[0], out[HDR_KEY0], out[HDR_NB], out[HDR_ZERO] = MAGIC, table.key0, table.nb, table.zero
     out[HDR_SYM] = int(_symmetric(bits, table.zero))

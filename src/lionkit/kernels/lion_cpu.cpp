@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -590,31 +591,18 @@ float run8_vec(void* pv, const void* gv, const uint8_t* codes, float sold, int64
                  : run8_vec_t<PT, GT, GSC, SKIP, false>(pv, gv, codes, sold, n0, n1, hs, q, buf);
 }
 
-// Codes of 16 values in [-1, 1] with the code-valued table (quant_fast.code_table): the key
-// is the top 15 bits of |x| and the sign (2 * key + sign, saturating at bucket 0), the entry
-// plus the low 16 bits of x (complemented when negative) shifted right by 17 is the code; +-0
-// gets the zero code. 9 instructions and one gather per 16 values.
+// Codes of 16 values in [-1, 1] with the code-valued table (quant_fast.code_table, one entry
+// per top 16 bits of x): the entry plus the low 16 bits of x (complemented when negative),
+// shifted right by 17, is the code; +-0 included. 5 instructions and one gather per 16 values.
 struct VQuant {
-  __m512i key2, one, low16, absm, zc;
-  const int* lut2;
-  explicit VQuant(const Quant& q)
-      : key2(_mm512_set1_epi32(2 * (int)q.key0)), one(_mm512_set1_epi32(1)), low16(_mm512_set1_epi32(0xFFFF)),
-        absm(_mm512_set1_epi32(0x7FFFFFFF)), zc(_mm512_set1_epi32((int)q.zero)), lut2((const int*)q.lut2) {}
+  __m512i low16;
+  const int* tab;
+  explicit VQuant(const Quant& q) : low16(_mm512_set1_epi32(0xFFFF)), tab((const int*)q.lut2) {}
   __m512i codes(V x) const {
     const __m512i xb = _mm512_castps_si512(x);
-#ifdef __AVX512VBMI2__
-    // each 16-bit half rotated left by one: the high half becomes top15(|x|) << 1 | sign
-    const __m512i hv = _mm512_srli_epi32(_mm512_shldi_epi16(xb, xb, 1), 16);
-#else
-    const __m512i hv = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(_mm512_and_si512(xb, absm), 16), 1),
-                                       _mm512_srli_epi32(xb, 31));
-#endif
-    // saturating: keys at or below key0 share bucket 0 of their sign (hv | sign restores it)
-    const __m512i key = _mm512_ternarylogic_epi32(_mm512_subs_epu16(hv, key2), hv, one, 0xF8 /* a | (b & c) */);
-    const __m512i e = _mm512_i32gather_epi32(key, lut2, 4);
+    const __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(xb, 16), tab, 4);
     const __m512i low = _mm512_ternarylogic_epi32(xb, low16, _mm512_srai_epi32(xb, 31), 0x6A /* (a & b) ^ c */);
-    const __m512i code = _mm512_srli_epi32(_mm512_add_epi32(e, low), 17);
-    return _mm512_mask_mov_epi32(code, _mm512_testn_epi32_mask(xb, absm), zc);
+    return _mm512_srli_epi32(_mm512_add_epi32(e, low), 17);
   }
 };
 
@@ -674,31 +662,41 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
     const V sq = _mm512_set1_ps(s_prev);
     __m512i amax = _mm512_setzero_si512();  // max |m_new| of this block (vmax_abs_bits)
     if (len == LK_BLOCK && (qlen == 0 || qlen == LK_BLOCK)) {  // the common case: whole blocks
-      for (int64_t i = 0; i < LK_BLOCK; i += 64) {
-        V mq[4];
+      // the block's 4 x 64 elements, with (requantize: the previous block's codes) or without
+      auto whole = [&](auto requantize) {
+        constexpr bool RQ = decltype(requantize)::value;
+        for (int64_t i = 0; i < LK_BLOCK; i += 64) {
+          V mq[4];
 #ifdef __AVX512VBMI__
-        if (sym) {
-          deq.lookup(codes + b0 + i, mq);
-        } else
+          if (sym) {
+            deq.lookup(codes + b0 + i, mq);
+          } else
 #endif
-        {
-          for (int r = 0; r < 4; ++r)
-            mq[r] = _mm512_i32gather_ps(
-                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b0 + i + 16 * r))), q.qmap, 4);
+          {
+            for (int r = 0; r < 4; ++r)
+              mq[r] = _mm512_i32gather_ps(
+                  _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b0 + i + 16 * r))), q.qmap, 4);
+          }
+          __m512i cv[4];
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const int64_t o = i + 16 * r;
+            V mn = step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + o, mq[r], sold, h, 0xFFFF);
+            _mm512_store_ps(bn + o, mn);
+            amax = vmax_abs_bits(amax, mn);
+            if constexpr (RQ)  // IEEE division, as the reference
+              cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
+          }
+          if constexpr (RQ) {
+            const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(cv[0], cv[1]), _mm512_packus_epi32(cv[2], cv[3]));
+            _mm512_storeu_si512(codes + prev0 + i, _mm512_permutexvar_epi32(packed, b));
+          }
         }
-        __m512i cv[4];
-        for (int r = 0; r < 4; ++r) {
-          const int64_t o = i + 16 * r;
-          V mn = step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + o, mq[r], sold, h, 0xFFFF);
-          _mm512_store_ps(bn + o, mn);
-          amax = vmax_abs_bits(amax, mn);
-          if (qlen) cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));  // IEEE division, as the reference
-        }
-        if (qlen) {
-          const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(cv[0], cv[1]), _mm512_packus_epi32(cv[2], cv[3]));
-          _mm512_storeu_si512(codes + prev0 + i, _mm512_permutexvar_epi32(packed, b));
-        }
-      }
+      };
+      if (qlen)
+        whole(std::true_type{});
+      else
+        whole(std::false_type{});
     } else {  // a partial block on either side
       for (int64_t i = 0; i < (len > qlen ? len : qlen); i += 16) {
         if (i < len) {

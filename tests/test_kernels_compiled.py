@@ -124,12 +124,14 @@ def test_non_finite_values_follow_the_reference(native, bits, block_wise):
     assert_same(p_ref, p, m_ref, m, "non-finite gradients")
 
 
+@pytest.mark.parametrize("lr", [3e-3, 2.0**-130], ids=["lr", "subnormal_lr"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
-def test_subnormal_parameters_follow_the_reference(backend, bits, block_wise, dtype):
+def test_subnormal_parameters_follow_the_reference(backend, bits, block_wise, dtype, lr):
     """Parameters decayed into the subnormal range (an unused row under weight decay) stay
     subnormal as in the reference: no flush to zero in any store (the AVX-512 bf16 conversion
-    instruction flushes them, the kernel must not)."""
+    instruction flushes them, the kernel must not). With a subnormal lr, elements that take a
+    step become subnormal too."""
     n = 4096 + 77
     p, g, m = make_case((n,), dtype, bits, block_wise, seed=5)
     tiny = torch.finfo(dtype).smallest_normal
@@ -140,10 +142,11 @@ def test_subnormal_parameters_follow_the_reference(backend, bits, block_wise, dt
     p[1::3] = torch.randn(len(p[1::3]), generator=gen).to(dtype)  # normal neighbours in the same vectors
     g.zero_()  # c = 0 where the momentum is zero too: p only decays
     g[2::9] = 1e-3
+    g[1024:2048] = -1e-3  # whole vectors that take a step
     zero = torch.zeros(n)
     m = zero if bits == 32 else (QuantizedState.from_float4(zero) if bits == 4 else
                                  QuantizedState.from_float(zero, quant.BLOCK_SIZE if block_wise else None))
-    hp = StepHyper(**HYPERS["wd"])
+    hp = StepHyper(**{**HYPERS["wd"], "lr": lr})
     for k in range(2):
         p_ref, m_ref = p.clone(), clone_mom(m)
         TorchBackend().step_many([p_ref], [g], [m_ref], [hp])

@@ -119,3 +119,30 @@ def run_multi(backend, steps: int = 2, sizes=CPU_SIZES) -> None:
 
 
 __all__ = ["DTYPES", "HYPERS", "make_case", "clone_mom", "assert_same", "run_pair", "run_multi"]
+
+
+def run_subnormal_case(backend, bits: int, block_wise: bool, dtype: torch.dtype, lr: float) -> None:
+    """Two steps of ``backend`` and of TorchBackend on parameters in the subnormal range of
+    ``dtype`` (an unused row under weight decay) with zero momentum and mostly zero gradients,
+    so that results are subnormal where p only decays; with a subnormal lr, elements that take
+    a step (whole vectors of them included) become subnormal too. Identical bit for bit."""
+    n = 4096 + 77
+    gen = torch.Generator().manual_seed(9)
+    tiny = torch.finfo(dtype).smallest_normal
+    sub = (torch.rand(n, generator=gen) * 2 - 1) * tiny  # subnormals of the dtype (and fp32's below them)
+    sub[::5] *= 2.0**-6
+    p = sub.to(dtype)
+    p[1::3] = torch.randn(len(p[1::3]), generator=gen).to(dtype)  # normal neighbours in the same vectors
+    g = torch.zeros(n, dtype=dtype)  # c = 0 where the momentum is zero too: p only decays
+    g[2::9] = 1e-3
+    g[1024:2048] = -1e-3  # whole vectors that take a step
+    zero = torch.zeros(n)
+    m = zero if bits == 32 else (QuantizedState.from_float4(zero) if bits == 4 else
+                                 QuantizedState.from_float(zero, quant.BLOCK_SIZE if block_wise else None))
+    hp = StepHyper(**{**HYPERS["wd"], "lr": lr})
+    for k in range(2):
+        p_ref, m_ref = p.clone(), clone_mom(m)
+        TorchBackend().step_many([p_ref], [g], [m_ref], [hp])
+        backend.step_many([p], [g], [m], [hp])
+        assert_same(p_ref, p, m_ref, m, f"step {k + 1}, {bits}-bit {dtype} subnormal parameters, lr={lr}")
+        assert (p_ref.abs() < tiny).sum() > n // 4  # the case holds subnormal results

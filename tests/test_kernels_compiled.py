@@ -13,7 +13,7 @@ import tracemalloc
 import pytest
 import torch
 
-from kernel_cases import DTYPES, HYPERS, assert_same, clone_mom, make_case, run_multi, run_pair
+from kernel_cases import DTYPES, HYPERS, assert_same, clone_mom, make_case, run_multi, run_pair, run_subnormal_case
 from lionkit import Lion, Lion8bit, kernels, quant, quant4, quant_fast, reference, rounding
 from lionkit.kernels import compiled
 from lionkit.kernels.base import StepHyper
@@ -128,31 +128,9 @@ def test_non_finite_values_follow_the_reference(native, bits, block_wise):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
 def test_subnormal_parameters_follow_the_reference(backend, bits, block_wise, dtype, lr):
-    """Parameters decayed into the subnormal range (an unused row under weight decay) stay
-    subnormal as in the reference: no flush to zero in any store (the AVX-512 bf16 conversion
-    instruction flushes them, the kernel must not). With a subnormal lr, elements that take a
-    step become subnormal too."""
-    n = 4096 + 77
-    p, g, m = make_case((n,), dtype, bits, block_wise, seed=5)
-    tiny = torch.finfo(dtype).smallest_normal
-    gen = torch.Generator().manual_seed(9)
-    sub = (torch.rand(n, generator=gen) * 2 - 1) * tiny  # subnormals of the dtype (and fp32's below them)
-    sub[::5] *= 2.0**-6
-    p.copy_(sub.to(dtype))
-    p[1::3] = torch.randn(len(p[1::3]), generator=gen).to(dtype)  # normal neighbours in the same vectors
-    g.zero_()  # c = 0 where the momentum is zero too: p only decays
-    g[2::9] = 1e-3
-    g[1024:2048] = -1e-3  # whole vectors that take a step
-    zero = torch.zeros(n)
-    m = zero if bits == 32 else (QuantizedState.from_float4(zero) if bits == 4 else
-                                 QuantizedState.from_float(zero, quant.BLOCK_SIZE if block_wise else None))
-    hp = StepHyper(**{**HYPERS["wd"], "lr": lr})
-    for k in range(2):
-        p_ref, m_ref = p.clone(), clone_mom(m)
-        TorchBackend().step_many([p_ref], [g], [m_ref], [hp])
-        backend.step_many([p], [g], [m], [hp])
-        assert_same(p_ref, p, m_ref, m, f"step {k + 1}, {bits}-bit {dtype} subnormal parameters")
-        assert (p_ref.abs() < tiny).sum() > n // 4  # the case holds subnormal results
+    """Parameters decayed into the subnormal range stay subnormal as in the reference: the
+    AVX-512 bf16 conversion instruction flushes them to zero, the kernel must not."""
+    run_subnormal_case(backend, bits, block_wise, dtype, lr)
 
 
 def test_quantizer_near_thresholds_and_strided(backend):

@@ -18,7 +18,7 @@ _OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton not installed (pip install 'lionkit[triton]')")
 
-from kernel_cases import DTYPES, HYPERS, clone_mom, make_case, run_multi, run_pair  # noqa: E402
+from kernel_cases import DTYPES, HYPERS, clone_mom, make_case, run_multi, run_pair, run_subnormal_case  # noqa: E402
 from lionkit.kernels.base import StepHyper  # noqa: E402
 from lionkit import kernels, quant, quant_fast  # noqa: E402
 from lionkit.kernels import triton_lion  # noqa: E402
@@ -56,6 +56,13 @@ def test_equals_torch_backend(backend, bits, block_wise, dtype, shape, hyper):
 @pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
 def test_other_hyperparameters(backend, bits, block_wise, hyper):
     run_pair(backend, (700,), torch.bfloat16, bits, block_wise, HYPERS[hyper], steps=2)
+
+
+@pytest.mark.parametrize("lr", [3e-3, 2.0**-130], ids=["lr", "subnormal_lr"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits,block_wise", KINDS, ids=KIND_IDS)
+def test_subnormal_parameters_follow_the_reference(backend, bits, block_wise, dtype, lr):
+    run_subnormal_case(backend, bits, block_wise, dtype, lr)
 
 
 def test_gradient_dtype_differs_from_parameter(backend):

@@ -54,6 +54,17 @@ def _lion(p, g, m, lr, b1, omb1, b2, omb2, decay, skip):
     return tl.where(keep, p, pn), tl.where(keep, m, mn)
 
 @triton.jit
+def _load_f32(ptr, offs, mask, T: tl.constexpr):
+    # a parameter or gradient as fp32. bf16 by hand (its bits to the high half): exact for
+    # subnormals too, which the interpreter's own conversion gets wrong; the GPU's is the same
+    if T == tl.bfloat16:
+        h = tl.load(ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + offs, mask=mask, other=0)
+        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _round_to(x, PT: tl.constexpr):
     # fp32 -> parameter dtype, round to nearest even. bf16 by hand: the interpreter's own
     # conversion truncates, and this is what the GPU's cvt.rn does.
@@ -135,8 +146,8 @@ def lion32(ITEM_T, ITEM_S, P, G, M, NUMEL, HYP, FLAGS, KEYS, PT: tl.constexpr, G
     for i in tl.static_range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _grad_in(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), gs, clip)
+        p = _load_f32(p_ptr, offs, mask, PT)
+        g = _grad_in(_load_f32(g_ptr, offs, mask, GT), gs, clip)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         pn, mn = _lion(p, g, m, lr, b1, omb1, b2, omb2, decay, skip)
         _store_p(p_ptr, offs, pn, mask, sr, key, PT)
@@ -170,8 +181,8 @@ def lion8(ITEM_T, ITEM_S, P, G, M, A, NUMEL, HYP, FLAGS, KEYS, QC, PART, SCALE,
         code = tl.load(c_ptr + offs, mask=mask, other=0).to(tl.int32)
         # dequantize: map value of the code times the old scale
         m = tl.load(qmap + code) * sold
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = _grad_in(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), gs, clip)
+        p = _load_f32(p_ptr, offs, mask, PT)
+        g = _grad_in(_load_f32(g_ptr, offs, mask, GT), gs, clip)
         pn, mn = _lion(p, g, m, lr, b1, omb1, b2, omb2, decay, skip)
         if PASS != 2:
             _store_p(p_ptr, offs, pn, mask, sr, key, PT)

@@ -24,8 +24,9 @@ Cost: ~10 vector instructions and one gather from a 19 KiB table per 16 elements
 per element on AVX-512), against ~1.4 cycles for the arithmetic alternative (decade from 7
 comparisons, index from a multiply-subtract and a floor, fix-up next to each decision point),
 which was built, checked and measured first. The AVX-512 kernel uses ``code_table``, the same
-table with the codes and the comparison folded into each entry (the signs interleaved): the
-code is then one addition and one shift after the gather.
+table indexed by the top 16 bits of x (sign included) with the codes and the comparison folded
+into each entry: the code is then one addition and one shift after the gather, and zero needs
+no test of its own.
 
 The result equals ``quant.nearest_code`` exactly for every float32 in [-1, 1]:
 ``check_exhaustive`` compares all 2,130,706,434 of them (``python -m lionkit.quant_fast``:

@@ -16,7 +16,8 @@
 // Quantization uses quant_fast's bucket table: the top 15 bits of |x| index a table whose
 // entry holds the number of thresholds below the bucket and the low 16 bits of the (at most
 // one) threshold inside it; one integer comparison finishes the job (the AVX-512 code uses its
-// code-valued form, quant_fast.code_table: an addition and a shift). Exact for every float32
+// code-valued form, quant_fast.code_table, indexed by the top 16 bits of x: an addition and a
+// shift). Exact for every float32
 // in [-1, 1] (checked exhaustively by quant_fast.check_exhaustive through lk_quantize).
 
 #include <cmath>

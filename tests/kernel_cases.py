@@ -35,11 +35,17 @@ def make_case(
     g.view(-1)[::7] = 0  # skip_zeros has something to skip
     m = torch.randn(shape, generator=gen) * 1e-2
     m.view(-1)[::11] = 0
+    return p, g, momentum_of(m, bits, block_wise)
+
+
+def momentum_of(m: torch.Tensor, bits: int, block_wise: bool) -> Any:
+    """fp32 momentum ``m`` as the kernels take it for ``bits`` (32: itself; 8: QuantizedState
+    per block of 256 or per tensor; 4: 4-bit QuantizedState)."""
     if bits == 32:
-        return p, g, m
+        return m
     if bits == 4:
-        return p, g, QuantizedState.from_float4(m.reshape(-1))
-    return p, g, QuantizedState.from_float(m, quant.BLOCK_SIZE if block_wise else None)
+        return QuantizedState.from_float4(m.reshape(-1))
+    return QuantizedState.from_float(m, quant.BLOCK_SIZE if block_wise else None)
 
 
 def clone_mom(m: Any) -> Any:
@@ -118,9 +124,6 @@ def run_multi(backend, steps: int = 2, sizes=CPU_SIZES) -> None:
         assert_same(pr, p, mr, m, f"multi-tensor {p.dtype} n={p.numel()} {type(m).__name__} {hp}")
 
 
-__all__ = ["DTYPES", "HYPERS", "make_case", "clone_mom", "assert_same", "run_pair", "run_multi"]
-
-
 def run_subnormal_case(backend, bits: int, block_wise: bool, dtype: torch.dtype, lr: float) -> None:
     """Two steps of ``backend`` and of TorchBackend on parameters in the subnormal range of
     ``dtype`` (an unused row under weight decay) with zero momentum and mostly zero gradients,
@@ -136,9 +139,7 @@ def run_subnormal_case(backend, bits: int, block_wise: bool, dtype: torch.dtype,
     g = torch.zeros(n, dtype=dtype)  # c = 0 where the momentum is zero too: p only decays
     g[2::9] = 1e-3
     g[1024:2048] = -1e-3  # whole vectors that take a step
-    zero = torch.zeros(n)
-    m = zero if bits == 32 else (QuantizedState.from_float4(zero) if bits == 4 else
-                                 QuantizedState.from_float(zero, quant.BLOCK_SIZE if block_wise else None))
+    m = momentum_of(torch.zeros(n), bits, block_wise)
     hp = StepHyper(**{**HYPERS["wd"], "lr": lr})
     for k in range(2):
         p_ref, m_ref = p.clone(), clone_mom(m)
@@ -146,3 +147,7 @@ def run_subnormal_case(backend, bits: int, block_wise: bool, dtype: torch.dtype,
         backend.step_many([p], [g], [m], [hp])
         assert_same(p_ref, p, m_ref, m, f"step {k + 1}, {bits}-bit {dtype} subnormal parameters, lr={lr}")
         assert (p_ref.abs() < tiny).sum() > n // 4  # the case holds subnormal results
+
+
+__all__ = ["DTYPES", "HYPERS", "make_case", "momentum_of", "clone_mom", "assert_same", "run_pair", "run_multi",
+           "run_subnormal_case"]

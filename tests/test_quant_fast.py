@@ -94,18 +94,13 @@ def test_kernel_constants_layout():
     assert not qc.flags.writeable
 
 
-def _code_table_sum(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """entry + low of code_table's rule in int64, modulo 2**32 (what the AVX-512 kernel adds)."""
+def _codes_by_code_table(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    """code_table's rule written out in int64 (what the AVX-512 kernel computes)."""
     table = quant_fast.bucket_table(qmap)
     entries = torch.from_numpy(quant_fast.code_table(table).astype(np.int64))
     b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     low = torch.where(b >> 31 == 1, ~(b & 0xFFFF) & 0xFFFFFFFF, b & 0xFFFF)
-    return (entries[b >> 16] + low) & 0xFFFFFFFF
-
-
-def _codes_by_code_table(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
-    """code_table's rule written out in int64 (what the AVX-512 kernel computes)."""
-    return _code_table_sum(x, qmap) >> 17
+    return ((entries[b >> 16] + low) & 0xFFFFFFFF) >> 17
 
 
 def _edges(qmap: torch.Tensor, reach: int) -> torch.Tensor:

@@ -158,14 +158,15 @@ def code_table(table: BucketTable) -> np.ndarray:
     its own sign, so zero needs no test of its own."""
     first = (table.lut >> LOW_BITS).astype(np.int64)
     low = (table.lut & ((1 << LOW_BITS) - 1)).astype(np.int64)
-    nb, half = table.nb, CODE_TABLE_SIZE // 2
+    nb = table.nb
+    t = np.arange(CODE_TABLE_SIZE // 2)  # raw buckets: the top 15 bits of |x|
+    j = np.clip(t - table.key0, 0, nb - 1)  # their bucket in the table
+    beyond = t >= table.key0 + nb  # |x| past the bucket of 1.0: the top code
     halves = []
     for h, sign in ((slice(0, nb), 1), (slice(nb, 2 * nb), -1)):
-        # per raw bucket t (top 15 bits of |x|): the code below the threshold, and LOW
-        j = np.clip(np.arange(half) - table.key0, 0, nb - 1)
+        # per raw bucket: the code below the threshold, and LOW
         code = table.zero + sign * (1 + first[h][j])
         lo = low[h][j]
-        beyond = np.arange(half) >= table.key0 + nb  # |x| past the bucket of 1.0: the top code
         code[beyond] += sign * int(low[h][nb - 1] != NO_THRESHOLD)
         lo[beyond] = NO_THRESHOLD
         code[0], lo[0] = table.zero, 1  # +-0 | the rest

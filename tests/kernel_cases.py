@@ -128,7 +128,8 @@ def run_subnormal_case(backend, bits: int, block_wise: bool, dtype: torch.dtype,
     """Two steps of ``backend`` and of TorchBackend on parameters in the subnormal range of
     ``dtype`` (an unused row under weight decay) with zero momentum and mostly zero gradients,
     so that results are subnormal where p only decays; with a subnormal lr, elements that take
-    a step (whole vectors of them included) become subnormal too. Identical bit for bit."""
+    a step (whole vectors of them included) become subnormal too. Vectors that step sit beside
+    vectors that do not, in both orders. Identical bit for bit."""
     n = 4096 + 77
     gen = torch.Generator().manual_seed(9)
     tiny = torch.finfo(dtype).smallest_normal
@@ -139,6 +140,10 @@ def run_subnormal_case(backend, bits: int, block_wise: bool, dtype: torch.dtype,
     g = torch.zeros(n, dtype=dtype)  # c = 0 where the momentum is zero too: p only decays
     g[2::9] = 1e-3
     g[1024:2048] = -1e-3  # whole vectors that take a step
+    # pairs of vectors (the CPU kernel converts two at once) where one takes a step and the
+    # other holds subnormal results: first half stepping, then second half
+    g[2048:2560].view(-1, 32)[:, :16] = 1e-3
+    g[2560:3072].view(-1, 32)[:, 16:] = -1e-3
     m = momentum_of(torch.zeros(n), bits, block_wise)
     hp = StepHyper(**{**HYPERS["wd"], "lr": lr})
     for k in range(2):

@@ -372,9 +372,16 @@ template <> struct VIO<BF16> {
   }
   // the same, for v known to hold no subnormal number
   static void st_normal(uint16_t* p, V v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v)); }
+  // 32 values (v0 then v1, neither holding a subnormal number) with one vcvtne2ps2bf16: the
+  // conversion costs half as much per element as two vcvtneps2bf16
+  static void st_normal2(uint16_t* p, V v0, V v1) { _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(v1, v0)); }
 #else
   static void st(uint16_t* p, V v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, round_int(v)); }
   static void st_normal(uint16_t* p, V v, __mmask16 k) { st(p, v, k); }
+  static void st_normal2(uint16_t* p, V v0, V v1) {
+    st(p, v0, 0xFFFF);
+    st(p + 16, v1, 0xFFFF);
+  }
 #endif
 };
 template <> struct VIO<F16> {
@@ -452,6 +459,21 @@ inline void vst_p(typename IO<PT>::T* p, int64_t i, V v, __mmask16 k, const VHyp
     }
   }
   VIO<PT>::st(p + i, v, k);
+}
+
+// Two whole vectors of a parameter (elements i..i+31): vst_p on each, or, when both hold no
+// subnormal number (as vst_p decides it), one conversion for the pair
+template <int PT>
+inline void vst_p2(typename IO<PT>::T* p, int64_t i, V v0, V v1, const VHyper& h, __mmask16 stepped0,
+                   __mmask16 stepped1) {
+  if constexpr (PT == BF16) {
+    if (!h.sr && (stepped0 & stepped1) == 0xFFFF && h.big_lr) {
+      VIO<BF16>::st_normal2(p + i, v0, v1);
+      return;
+    }
+  }
+  vst_p<PT>(p, i, v0, 0xFFFF, h, stepped0);
+  vst_p<PT>(p, i + 16, v1, 0xFFFF, h, stepped1);
 }
 
 template <bool GSC>
@@ -533,6 +555,16 @@ inline V step8_16m(typename IO<PT>::T* p, const typename IO<GT>::T* g, int64_t i
   if (WRITE_P) vst_p<PT>(p, i, pn, k, h, stepped | (__mmask16)~k);
   return k == 0xFFFF ? mn : _mm512_maskz_mov_ps(k, mn);
 }
+// the same for 16 whole lanes, the new parameter value and its step mask returned for the
+// caller's store (vst_p2) instead of stored
+template <int PT, int GT, bool GSC, bool SKIP>
+inline V update8_16(const typename IO<PT>::T* p, const typename IO<GT>::T* g, int64_t i, V mq, V sold,
+                    const VHyper& h, V* pn, __mmask16* stepped) {
+  V mn;
+  vlion<SKIP>(VIO<PT>::ld(p + i, 0xFFFF), vgrad_in<GSC>(VIO<GT>::ld(g + i, 0xFFFF), h), _mm512_mul_ps(mq, sold), h,
+              pn, &mn, stepped);
+  return mn;
+}
 
 // the same, looking the 16 codes (codes[i..]) up in the map with a gather
 template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
@@ -569,7 +601,7 @@ struct VDeq {
     perm = _mm512_load_si512(pm);
   }
   // map values of codes[0..63] into out[0..3] (elements 0-15, 16-31, 32-47, 48-63)
-  inline void lookup(const uint8_t* codes, V out[4]) const {
+  __attribute__((always_inline)) inline void lookup(const uint8_t* codes, V out[4]) const {
     const __m512i c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(codes));
     const __m512i d = _mm512_sub_epi8(c, c127);
     const __m512i j = _mm512_abs_epi8(d);
@@ -715,14 +747,32 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
                   _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b0 + i + 16 * r))), q.qmap, 4);
           }
           __m512i cv[4];
+          if constexpr (PT != BF16) {
 #pragma GCC unroll 4
-          for (int r = 0; r < 4; ++r) {
-            const int64_t o = i + 16 * r;
-            V mn = step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + o, mq[r], sold, h, 0xFFFF);
-            _mm512_store_ps(bn + o, mn);
-            amax = vmax_abs_bits(amax, mn);
-            if constexpr (RQ)  // IEEE division, as the reference
-              cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
+            for (int r = 0; r < 4; ++r) {
+              const int64_t o = i + 16 * r;
+              V mn = step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + o, mq[r], sold, h, 0xFFFF);
+              _mm512_store_ps(bn + o, mn);
+              amax = vmax_abs_bits(amax, mn);
+              if constexpr (RQ)  // IEEE division, as the reference
+                cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
+            }
+          } else {
+#pragma GCC unroll 2
+          for (int r = 0; r < 4; r += 2) {  // bf16: two vectors at a time, one conversion of p for both
+            V pn[2];
+            __mmask16 stepped[2];
+#pragma GCC unroll 2
+            for (int u = 0; u < 2; ++u) {
+              const int64_t o = i + 16 * (r + u);
+              V mn = update8_16<PT, GT, GSC, SKIP>(p, g, b0 + o, mq[r + u], sold, h, &pn[u], &stepped[u]);
+              _mm512_store_ps(bn + o, mn);
+              amax = vmax_abs_bits(amax, mn);
+              if constexpr (RQ)  // IEEE division, as the reference
+                cv[r + u] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
+            }
+            vst_p2<PT>(p, b0 + i + 16 * r, pn[0], pn[1], h, stepped[0], stepped[1]);
+          }
           }
           if constexpr (RQ) {
             const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(cv[0], cv[1]), _mm512_packus_epi32(cv[2], cv[3]));

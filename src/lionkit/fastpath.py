@@ -116,6 +116,7 @@ class Plan:
         append = grads.append
         state_get = opt.state.get
         dev = self.device
+        on_cpu = dev.type == "cpu"  # g.is_cpu: no device object per gradient
         k = 0
         params, states, s1, absmax, ptrs, shapes, gdtypes, steps, pdtypes = (
             self.params, self.states, self.s1, self.absmax, self.ptrs, self.shapes, self.gdtypes, self.steps,
@@ -139,7 +140,7 @@ class Plan:
                     or g.layout != _STRIDED
                     or g.dtype is not gdtypes[k]
                     or g.shape != shape
-                    or g.device != dev
+                    or (not g.is_cpu if on_cpu else g.device != dev)
                     or not g.is_contiguous()
                     or state_get(p) is not st
                     or st.get("state1") is not s1[k]
@@ -174,7 +175,8 @@ class Plan:
         """True if no gradient holds NaN or inf."""
         if self.prepared is not None:
             return self.prepared.all_finite(grads)
-        return not guards.nonfinite_params(grads)
+        with torch.no_grad():
+            return not guards.nonfinite_params(grads)
 
     def run(self, grads: list[torch.Tensor], hypers: list[StepHyper]) -> None:
         """The kernels, on the planned tensors."""
@@ -188,7 +190,8 @@ class Plan:
                 mkeys = np.where(self.four, seeds & np.uint64(0xFFFFFFFF), 0).astype(np.uint32)
             self.prepared.run(grads, hypers, keys, mkeys)
         else:
-            self.backend.step_many(self.params, grads, self.moms, hypers)
+            with torch.no_grad():  # the parameters are leaves that require grad
+                self.backend.step_many(self.params, grads, self.moms, hypers)
 
 
 def _settings(group: dict[str, Any]) -> dict[str, Any]:

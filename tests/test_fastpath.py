@@ -163,7 +163,15 @@ def test_replaced_tensors_and_loaded_checkpoints(monkeypatch):
     pair.both(lambda o, ps: o.state[ps[0]].__setitem__("state1", o.state[ps[0]]["state1"].clone()))
     pair.step(4)
     pair.step(5)
-    assert pair.planned == 2  # steps 1 and 5
+    # a parameter's whole state entry replaced by a copy (tensors cloned)
+    pair.both(lambda o, ps: o.state.__setitem__(ps[2], {k: v.clone() if torch.is_tensor(v) else v for k, v in o.state[ps[2]].items()}))
+    pair.step(6)
+    pair.step(7)
+    # an entry removed and put back (the same dict, now last in the state's order)
+    pair.both(lambda o, ps: o.state.__setitem__(ps[1], o.state.pop(ps[1])))
+    pair.step(8)
+    pair.step(9)
+    assert pair.planned == 4  # steps 1, 5, 7 and 9
 
 
 def test_overrides_and_new_groups(monkeypatch):

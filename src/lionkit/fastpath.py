@@ -10,7 +10,8 @@ per parameter, that nothing it relies on moved:
 
 * the same param groups, parameters (identity, data pointer, shape, dtype), settings other than ``lr``,
   and per-parameter overrides (``GlobalOptimManager`` version);
-* every state dict, and the ``state1``/``absmax1`` tensors in it, the same objects;
+* every state dict (the optimizer's state holds the same entries, compared by identity), and
+  the ``state1``/``absmax1`` tensors in it, the same objects;
 * every gradient present where it was, dense, contiguous, with the dtype, shape and device it had;
 * the backend the optimizer's ``backend`` setting resolves to.
 
@@ -77,6 +78,10 @@ class Plan:
         self.sr_flags = [hp.stochastic_rounding for _, _, _, _, hp in items]
         self.group_hyper = {(gi, hp.stochastic_rounding): replace(hp, seed=0, mseed=0) for gi, _, _, _, hp in items}
         self.steps = [st["step"] for st in self.states]  # each parameter's step count so far
+        # the state dict's entries (parameter, its state dict), compared by identity each step:
+        # one pass without hashing a tensor (Tensor.__hash__ is a Python call per parameter)
+        self.state_items = list(opt.state.items())
+        state_ok = all(opt.state.get(p) is st for p, st in zip(self.params, self.states))
         # a scheduled group's parameters share one step count (``eligible``): its lr's argument
         self.group_step = {gi: st for gi, st in zip(self.group_idx, self.steps)}
         self.backend = backend
@@ -90,9 +95,12 @@ class Plan:
         self.sr_seed = opt.sr_seed if any(self.sr_flags) else None
         self.four = np.array([isinstance(m, QuantizedState) and m.bits == 4 for m in self.moms], dtype=bool)
         self.m4_seed = (opt.sr_seed or 0) if self.four.any() else None
-        self.usable = (self.sr_seed is None and self.m4_seed is None) or (
-            self.prepared is not None
-            and all(dt == torch.bfloat16 for dt, sr in zip(self.pdtypes, self.sr_flags) if sr)
+        self.usable = state_ok and (
+            (self.sr_seed is None and self.m4_seed is None)
+            or (
+                self.prepared is not None
+                and all(dt == torch.bfloat16 for dt, sr in zip(self.pdtypes, self.sr_flags) if sr)
+            )
         )
         if self.sr_seed is not None or self.m4_seed is not None:
             sr_index = opt._sr_index()
@@ -112,9 +120,14 @@ class Plan:
         for g, plist, n, settings in zip(groups, self.plists, self.lens, self.settings):
             if g["params"] is not plist or len(plist) != n or not _same_settings(g, settings):
                 return None
+        state = opt.state
+        if len(state) != len(self.state_items):
+            return None
+        for (key, val), (key0, val0) in zip(state.items(), self.state_items):
+            if key is not key0 or val is not val0:  # an entry replaced, or removed and added again
+                return None
         grads: list[torch.Tensor] = []
         append = grads.append
-        state_get = opt.state.get
         dev = self.device
         on_cpu = dev.type == "cpu"  # g.is_cpu: no device object per gradient
         k = 0
@@ -142,7 +155,6 @@ class Plan:
                     or g.shape != shape
                     or (not g.is_cpu if on_cpu else g.device != dev)
                     or not g.is_contiguous()
-                    or state_get(p) is not st
                     or st.get("state1") is not s1[k]
                     or st.get("absmax1") is not absmax[k]
                     or st.get("step") != steps[k]

@@ -164,7 +164,8 @@ def test_replaced_tensors_and_loaded_checkpoints(monkeypatch):
     pair.step(4)
     pair.step(5)
     # a parameter's whole state entry replaced by a copy (tensors cloned)
-    pair.both(lambda o, ps: o.state.__setitem__(ps[2], {k: v.clone() if torch.is_tensor(v) else v for k, v in o.state[ps[2]].items()}))
+    copy = lambda st: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+    pair.both(lambda o, ps: o.state.__setitem__(ps[2], copy(o.state[ps[2]])))
     pair.step(6)
     pair.step(7)
     # an entry removed and put back (the same dict, now last in the state's order)
@@ -403,7 +404,7 @@ def test_step_hooks_and_profiler_range_as_torch_optimizers_have_them(backend):
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref)]
     calls = []
     handles = []
-    mine = lambda o, label: calls.append(label) if o is opt else None  # noqa: E731 (global hooks see ref too)
+    mine = lambda o, label: calls.append(label) if o is opt else None  # global hooks see ref too
     with _no_warnings():
         for step in range(1, 7):
             _set_grads(params, step)

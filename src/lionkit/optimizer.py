@@ -30,7 +30,8 @@ def _step_hooks(func: Callable[..., Any]) -> Callable[..., Any]:
     on the 2-core machine of docs/benchmarks.md). With any hook registered or a profiler on,
     torch's own wrapper runs, unchanged. ``hooked`` tells torch not to wrap it again."""
     wrapped = torch.optim.Optimizer.profile_hook_step(func)
-    tables = [getattr(_torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")]
+    names = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+    tables = [getattr(_torch_optimizer, name, None) for name in names]
     if any(t is None for t in tables) or not hasattr(torch.autograd, "_profiler_enabled"):
         wrapped.hooked = True  # a torch without these internals: its wrapper, always
         return wrapped

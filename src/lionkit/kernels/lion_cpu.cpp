@@ -757,22 +757,22 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
               if constexpr (RQ)  // IEEE division, as the reference
                 cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
             }
-          } else {
+          } else {  // bf16: two vectors at a time, one conversion of p for both
 #pragma GCC unroll 2
-          for (int r = 0; r < 4; r += 2) {  // bf16: two vectors at a time, one conversion of p for both
-            V pn[2];
-            __mmask16 stepped[2];
+            for (int r = 0; r < 4; r += 2) {
+              V pn[2];
+              __mmask16 stepped[2];
 #pragma GCC unroll 2
-            for (int u = 0; u < 2; ++u) {
-              const int64_t o = i + 16 * (r + u);
-              V mn = update8_16<PT, GT, GSC, SKIP>(p, g, b0 + o, mq[r + u], sold, h, &pn[u], &stepped[u]);
-              _mm512_store_ps(bn + o, mn);
-              amax = vmax_abs_bits(amax, mn);
-              if constexpr (RQ)  // IEEE division, as the reference
-                cv[r + u] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
+              for (int u = 0; u < 2; ++u) {
+                const int64_t o = i + 16 * (r + u);
+                V mn = update8_16<PT, GT, GSC, SKIP>(p, g, b0 + o, mq[r + u], sold, h, &pn[u], &stepped[u]);
+                _mm512_store_ps(bn + o, mn);
+                amax = vmax_abs_bits(amax, mn);
+                if constexpr (RQ)  // IEEE division, as the reference
+                  cv[r + u] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
+              }
+              vst_p2<PT>(p, b0 + i + 16 * r, pn[0], pn[1], h, stepped[0], stepped[1]);
             }
-            vst_p2<PT>(p, b0 + i + 16 * r, pn[0], pn[1], h, stepped[0], stepped[1]);
-          }
           }
           if constexpr (RQ) {
             const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(cv[0], cv[1]), _mm512_packus_epi32(cv[2], cv[3]));

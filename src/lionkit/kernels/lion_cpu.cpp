@@ -542,28 +542,25 @@ void run32_vec(void* pv, const void* gv, float* m, int64_t n0, int64_t n1, const
 }
 
 // 16 lanes of the 8-bit update (elements i..i+15 of p and g, lanes k) from the map values mq
-// of their codes: dequantize (times the old scale), update, p written back if WRITE_P; returns
-// the new momentum (0 outside k).
+// of their codes: dequantize (times the old scale), update (p read if READ_P); the parameter's
+// new value and the lanes that took a step into *pn and *stepped; returns the new momentum.
+template <int PT, int GT, bool GSC, bool SKIP, bool READ_P>
+inline V update8_16(const typename IO<PT>::T* p, const typename IO<GT>::T* g, int64_t i, V mq, V sold,
+                    const VHyper& h, __mmask16 k, V* pn, __mmask16* stepped) {
+  V mn;
+  vlion<SKIP>(READ_P ? VIO<PT>::ld(p + i, k) : _mm512_setzero_ps(), vgrad_in<GSC>(VIO<GT>::ld(g + i, k), h),
+              _mm512_mul_ps(mq, sold), h, pn, &mn, stepped);
+  return mn;
+}
+// the same with p written back if WRITE_P; returns the new momentum (0 outside k)
 template <int PT, int GT, bool GSC, bool SKIP, bool WRITE_P>
 inline V step8_16m(typename IO<PT>::T* p, const typename IO<GT>::T* g, int64_t i, V mq, V sold, const VHyper& h,
                    __mmask16 k) {
-  V m = _mm512_mul_ps(mq, sold);
-  V pn, mn;
+  V pn;
   __mmask16 stepped;
-  vlion<SKIP>(WRITE_P ? VIO<PT>::ld(p + i, k) : _mm512_setzero_ps(), vgrad_in<GSC>(VIO<GT>::ld(g + i, k), h), m, h,
-              &pn, &mn, &stepped);
+  V mn = update8_16<PT, GT, GSC, SKIP, WRITE_P>(p, g, i, mq, sold, h, k, &pn, &stepped);
   if (WRITE_P) vst_p<PT>(p, i, pn, k, h, stepped | (__mmask16)~k);
   return k == 0xFFFF ? mn : _mm512_maskz_mov_ps(k, mn);
-}
-// the same for 16 whole lanes, the new parameter value and its step mask returned for the
-// caller's store (vst_p2) instead of stored
-template <int PT, int GT, bool GSC, bool SKIP>
-inline V update8_16(const typename IO<PT>::T* p, const typename IO<GT>::T* g, int64_t i, V mq, V sold,
-                    const VHyper& h, V* pn, __mmask16* stepped) {
-  V mn;
-  vlion<SKIP>(VIO<PT>::ld(p + i, 0xFFFF), vgrad_in<GSC>(VIO<GT>::ld(g + i, 0xFFFF), h), _mm512_mul_ps(mq, sold), h,
-              pn, &mn, stepped);
-  return mn;
 }
 
 // the same, looking the 16 codes (codes[i..]) up in the map with a gather
@@ -747,30 +744,27 @@ void run8_block_pipe(void* pv, const void* gv, uint8_t* codes, float* absmax, in
                   _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + b0 + i + 16 * r))), q.qmap, 4);
           }
           __m512i cv[4];
-          if constexpr (PT != BF16) {
+          // vector r's new momentum: into the block buffer and its max; the previous block's codes
+          auto keep = [&](int r, V mn) {
+            const int64_t o = i + 16 * r;
+            _mm512_store_ps(bn + o, mn);
+            amax = vmax_abs_bits(amax, mn);
+            if constexpr (RQ)  // IEEE division, as the reference
+              cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
+          };
+          if constexpr (PT != BF16) {  // vector by vector (the pairs below cost fp32 3%)
 #pragma GCC unroll 4
-            for (int r = 0; r < 4; ++r) {
-              const int64_t o = i + 16 * r;
-              V mn = step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + o, mq[r], sold, h, 0xFFFF);
-              _mm512_store_ps(bn + o, mn);
-              amax = vmax_abs_bits(amax, mn);
-              if constexpr (RQ)  // IEEE division, as the reference
-                cv[r] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
-            }
+            for (int r = 0; r < 4; ++r)
+              keep(r, step8_16m<PT, GT, GSC, SKIP, true>(p, g, b0 + i + 16 * r, mq[r], sold, h, 0xFFFF));
           } else {  // bf16: two vectors at a time, one conversion of p for both
 #pragma GCC unroll 2
             for (int r = 0; r < 4; r += 2) {
               V pn[2];
               __mmask16 stepped[2];
 #pragma GCC unroll 2
-              for (int u = 0; u < 2; ++u) {
-                const int64_t o = i + 16 * (r + u);
-                V mn = update8_16<PT, GT, GSC, SKIP>(p, g, b0 + o, mq[r + u], sold, h, &pn[u], &stepped[u]);
-                _mm512_store_ps(bn + o, mn);
-                amax = vmax_abs_bits(amax, mn);
-                if constexpr (RQ)  // IEEE division, as the reference
-                  cv[r + u] = vq.codes(_mm512_div_ps(_mm512_load_ps(bp + o), sq));
-              }
+              for (int u = 0; u < 2; ++u)
+                keep(r + u, update8_16<PT, GT, GSC, SKIP, true>(p, g, b0 + i + 16 * (r + u), mq[r + u], sold, h,
+                                                                 0xFFFF, &pn[u], &stepped[u]));
               vst_p2<PT>(p, b0 + i + 16 * r, pn[0], pn[1], h, stepped[0], stepped[1]);
             }
           }

@@ -390,6 +390,7 @@ def test_parameter_reinterpreted_in_place_takes_the_full_path(monkeypatch):
     assert pair.planned == 2  # steps 1 and 3
 
 
+@pytest.mark.filterwarnings("error")  # e.g. the scheduler's "lr_scheduler.step() before optimizer.step()"
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_step_hooks_and_profiler_range_as_torch_optimizers_have_them(backend):
     """lionkit's step wrapper skips torch's profiler range when no profiler runs (its cost, with
@@ -405,46 +406,34 @@ def test_step_hooks_and_profiler_range_as_torch_optimizers_have_them(backend):
     calls = []
     handles = []
     mine = lambda o, label: calls.append(label) if o is opt else None  # global hooks see ref too
-    with _no_warnings():
-        for step in range(1, 7):
-            _set_grads(params, step)
-            _set_grads(ref_params, step)
-            if step == 3:  # hooks of every kind, in torch's order: global pre, pre, post, global post
-                handles = [
-                    register_optimizer_step_pre_hook(lambda o, a, k: mine(o, "global pre")),
-                    opt.register_step_pre_hook(lambda o, a, k: mine(o, ("pre", len(a), dict(k)))),
-                    opt.register_step_post_hook(lambda o, a, k: mine(o, "post")),
-                    register_optimizer_step_post_hook(lambda o, a, k: mine(o, "global post")),
-                ]
-            if step == 4:
-                for h in handles:
-                    h.remove()
-                # a pre-hook may replace the arguments
-                h = opt.register_step_pre_hook(lambda o, a, k: (a, {"closure": lambda: 7.0}))
-                assert opt.step() == 7.0
+    for step in range(1, 7):
+        _set_grads(params, step)
+        _set_grads(ref_params, step)
+        if step == 3:  # hooks of every kind, in torch's order: global pre, pre, post, global post
+            handles = [
+                register_optimizer_step_pre_hook(lambda o, a, k: mine(o, "global pre")),
+                opt.register_step_pre_hook(lambda o, a, k: mine(o, ("pre", len(a), dict(k)))),
+                opt.register_step_post_hook(lambda o, a, k: mine(o, "post")),
+                register_optimizer_step_post_hook(lambda o, a, k: mine(o, "global post")),
+            ]
+        if step == 4:
+            for h in handles:
                 h.remove()
-            elif step == 5:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                    opt.step()
-                assert "Optimizer.step#Lion8bit.step" in {e.name for e in prof.events()}
-            else:
+            # a pre-hook may replace the arguments
+            h = opt.register_step_pre_hook(lambda o, a, k: (a, {"closure": lambda: 7.0}))
+            assert opt.step() == 7.0
+            h.remove()
+        elif step == 5:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 opt.step()
-            ref.step()
-            for s in scheds:
-                s.step()
+            assert "Optimizer.step#Lion8bit.step" in {e.name for e in prof.events()}
+        else:
+            opt.step()
+        ref.step()
+        for s in scheds:
+            s.step()
     assert calls == ["global pre", ("pre", 1, {}), "post", "global post"]
     assert opt._plan is not None  # steps went through the plan
     for p, q in zip(params, ref_params):
         assert torch.equal(p, q)
 
-
-class _no_warnings:
-    def __enter__(self):
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)

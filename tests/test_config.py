@@ -120,3 +120,33 @@ def test_override_group_hyperparameters_per_parameter():
     a.grad, b.grad = torch.ones(4), torch.ones(4)
     opt.step()
     assert a[0].item() == pytest.approx(-0.1) and b[0].item() == pytest.approx(-0.5)
+
+
+def test_numpy_hyperparameters_are_stored_as_plain_values():
+    # np.logspace sweeps: numpy scalars pass the checks, and must not make the state dict
+    # unloadable with torch.load(weights_only=True)
+    import io
+
+    import numpy as np
+
+    p = torch.nn.Parameter(torch.randn(5000))
+    q = torch.nn.Parameter(torch.randn(10))
+    opt = lionkit.Lion8bit(
+        [p], lr=np.float64(1e-3), betas=np.array([0.9, 0.99]), weight_decay=np.float64(0.1),
+        min_8bit_size=np.int64(100), percentile_clipping=np.int64(50), grad_clip_value=np.float32(1.0),
+    )
+    opt.add_param_group({"params": [q], "weight_decay": np.float32(0.5), "betas": [np.float64(0.8), 0.9]})
+    for group in opt.param_groups:
+        for key in ("lr", "weight_decay", "min_8bit_size", "percentile_clipping"):
+            assert type(group[key]) in (int, float), (key, type(group[key]))
+        assert all(type(b) is float for b in group["betas"])
+    assert type(opt.param_groups[1]["betas"]) is list  # a list given stays a list
+    for t in (p, q):
+        t.grad = torch.randn_like(t)
+    opt.param_groups[0]["weight_decay"] = np.float64(0.2)  # set by hand between steps
+    opt.step()
+    assert type(opt.param_groups[0]["weight_decay"]) is float
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)

@@ -194,6 +194,42 @@ def test_overrides_and_new_groups(monkeypatch):
     assert pair.planned == 2  # steps 1 and 5
 
 
+def test_settings_changed_in_place_or_on_the_optimizer(monkeypatch):
+    pair = Pair(monkeypatch, "lion8-block", "auto")
+    pair.both(lambda o, ps: o.param_groups[1].update(betas=[0.9, 0.99]))  # a list, as torch allows
+    pair.step(0)
+    pair.step(1)
+    # changed inside the list: the plan must see it (it kept the list object itself before)
+    pair.both(lambda o, ps: o.param_groups[1]["betas"].__setitem__(0, 0.0))
+    pair.step(2)
+    pair.step(3)
+    # the optimizer's own settings, set by hand between steps
+    pair.both(lambda o, ps: setattr(o, "grad_clip_norm", 1e-3))
+    pair.step(4)
+    pair.step(5)
+    pair.both(lambda o, ps: setattr(o, "grad_clip_norm", None))
+    pair.step(6)
+    pair.step(7)
+    assert pair.planned == 3  # steps 1, 3 and 7
+
+
+def test_an_override_after_the_manager_is_reset(monkeypatch):
+    # initialize() must not reset the manager's version: an optimizer (its plan and its
+    # override cache) that saw version 1 before would take a new version 1 for the old one
+    pair = Pair(monkeypatch, "lion32", "auto")
+    mng = lionkit.GlobalOptimManager.get_instance()
+    pair.step(0)
+    mng.override_config([pair.pa[0], pair.pb[0]], "lr", 5e-3)
+    pair.step(1)
+    pair.step(2)
+    mng.initialize()
+    mng.override_config([pair.pa[1], pair.pb[1]], "lr", 0.0)
+    before = [p.detach().clone() for p in pair.pa]
+    pair.step(3)
+    assert torch.equal(pair.pa[1].detach(), before[1])  # lr 0 now: not moved
+    assert not torch.equal(pair.pa[0].detach(), before[0])  # its override is gone: lr 1e-2
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_gradient_goes_to_the_full_path(monkeypatch, policy):
     pair = Pair(monkeypatch, "lion8-block", "auto", nonfinite=policy)

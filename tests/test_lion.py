@@ -340,6 +340,32 @@ def test_percentile_clipping_matches_direct_implementation(gdtype):
         assert torch.allclose(opt.state[p]["gnorm_vec"], torch.tensor(ring), rtol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["checkpoint", "override"])
+def test_percentile_clipping_switched_on_mid_training_starts_a_full_ring(how):
+    # its first clipped step fills the whole ring, as a first step does (a ring of zeros with one
+    # norm in it would put the clip at 0 and zero the gradient for many steps)
+    gen = torch.Generator().manual_seed(8)
+    p = torch.nn.Parameter(torch.randn(500, generator=gen))
+    opt = lionkit.Lion([p], lr=1e-3)
+    for _ in range(10):
+        p.grad = torch.randn(500, generator=gen)
+        opt.step()
+    if how == "checkpoint":
+        sd = opt.state_dict()
+        opt = lionkit.Lion([p], lr=1e-3, percentile_clipping=90)
+        opt.load_state_dict(sd)
+    else:
+        lionkit.GlobalOptimManager.get_instance().override_config(p, "percentile_clipping", 90)
+    g = torch.randn(500, generator=gen)
+    m_before = opt.state[p]["state1"].clone()
+    p.grad = g
+    opt.step()
+    ring = opt.state[p]["gnorm_vec"]
+    assert torch.allclose(ring, torch.full((100,), float((g**2).sum())), rtol=1e-6)
+    # this step's scale is 1: the momentum took the whole gradient
+    torch.testing.assert_close(opt.state[p]["state1"], 0.99 * m_before + 0.01 * g)
+
+
 def test_skip_zeros_leaves_elements_untouched():
     p = torch.nn.Parameter(torch.ones(6))
     opt = lionkit.Lion([p], lr=0.1, weight_decay=0.5, args=type("A", (), {"skip_zeros": True})())
@@ -447,3 +473,26 @@ def test_backend_is_visible_and_forceable():
     assert "backend: torch" in repr(opt)
     with pytest.raises(ValueError, match="Invalid backend: 'nope'"):
         lionkit.Lion([p], backend="nope")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_float64_params_are_updated_in_float64(backend):
+    # fp32 math would lose a step below an fp32 ulp of p (the momentum stays fp32, as stored)
+    gen = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(1.0 + torch.randn(5000, generator=gen, dtype=torch.float64) * 1e-12)
+    ref_p, ref_m = p.detach().clone(), torch.zeros(5000, dtype=torch.float32)
+    opt = lionkit.Lion([p], lr=1e-9, weight_decay=0.5, backend=backend)
+    for _ in range(4):
+        g = torch.randn(5000, generator=gen, dtype=torch.float64)
+        p.grad = g
+        opt.step()
+        ref_p, m64 = lion_reference(ref_p, g, ref_m.double(), lr=1e-9, beta1=0.9, beta2=0.99, weight_decay=0.5)
+        ref_m = m64.float()
+    assert torch.equal(p.detach(), ref_p)
+    assert torch.equal(opt.state[p]["state1"], ref_m)
+    for cls in (lionkit.Lion8bit, lionkit.Lion4bit):  # the quantized momenta: steps of exactly lr
+        q = torch.nn.Parameter(torch.full((5000,), 1.0 + 1e-12, dtype=torch.float64))
+        opt = cls([q], lr=1e-9, min_8bit_size=0, backend=backend)
+        q.grad = torch.ones_like(q)
+        opt.step()
+        assert torch.equal(q.detach(), torch.full_like(q, 1.0 + 1e-12) - 1e-9), cls.__name__

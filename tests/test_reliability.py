@@ -429,6 +429,42 @@ def test_non_contiguous_params_update_in_place_like_contiguous(variant):
     assert torch.equal(strided_base[:, ::3], plain[2].detach())
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_parameter_re_pointed_to_its_transpose_between_steps(backend):
+    # same storage, pointer, shape and dtype, now non-contiguous: a planned step must notice
+    runs = []
+    for no_plan in (False, True):
+        w = torch.nn.Parameter(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+        opt = lionkit.Lion8bit([w], lr=0.1, min_8bit_size=100, backend=backend)
+        if no_plan:
+            opt._planned_step = lambda plan: False
+        for k in range(4):
+            if k == 2:
+                w.data = w.data.t()
+            w.grad = torch.randn(64, 64, generator=torch.Generator().manual_seed(k))
+            opt.step()
+        runs.append(w.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_steps_bump_the_autograd_version_of_parameters(backend):
+    # a graph that saved a parameter for backward fails after a step (as with torch.optim),
+    # whichever kernel wrote it: the compiled one writes through pointers (full and planned steps)
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opt = lionkit.Lion(disc.parameters(), lr=1e-2, backend=backend)
+    for k in range(3):
+        out = disc(gen(torch.randn(8, 4)))
+        out.mean().backward(retain_graph=True)
+        before = disc.weight._version
+        opt.step()
+        assert disc.weight._version > before
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (-out.mean()).backward()
+        opt.zero_grad()
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_complex_params_are_pairs_of_reals(variant, dtype):

@@ -19,16 +19,18 @@ def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
 
 
 def percentile_scale(
-    gnorm_vec: torch.Tensor, sq_norm: torch.Tensor, step: int, percentile: int
+    gnorm_vec: torch.Tensor, sq_norm: torch.Tensor, step: int, percentile: int, fresh: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' percentile clipping (SPEC 2), without touching ``gnorm_vec``.
 
     Returns (the ring as it is after this step, the gradient scale as a 0-dim tensor):
-    the slot ``step % 100`` holds this step's squared norm (every slot at step 1);
+    the slot ``step % 100`` holds this step's squared norm (every slot at step 1, and in a
+    ``fresh`` ring: one created at a later step, when clipping is switched on mid-training or
+    a checkpoint without a ring is loaded; a ring of zeros would clip every gradient to 0);
     clip = sqrt(sorted(ring)[percentile]); scale = clip/current if current > clip else 1.
     """
     ring = gnorm_vec.clone()
-    if step == 1:
+    if step == 1 or fresh:
         ring.fill_(sq_norm)
     else:
         ring[step % GNORM_HISTORY] = sq_norm

@@ -125,6 +125,26 @@ def check(key: str, value: Any) -> None:
     _CHECKS[key](value)
 
 
+def plain(key: str, value: Any) -> Any:
+    """A checked ``value`` of ``key`` as the plain Python type a checkpoint can hold: numpy
+    scalars and arrays (from ``np.logspace`` sweeps, say) pass the checks but would make
+    ``torch.load(..., weights_only=True)`` refuse the state dict. Returns ``value`` itself when
+    it already is plain; betas stay a list if given as one."""
+    if key == "betas":
+        if isinstance(value, (list, tuple)) and all(type(b) is float for b in value):
+            return value
+        floats = [float(b) for b in value]
+        return floats if isinstance(value, list) else tuple(floats)
+    if key in ("lr", "weight_decay", "grad_clip_value", "max_unorm"):
+        # lr: a schedule (callable) or a tensor stays as it is
+        if value is None or type(value) is float or callable(value) or isinstance(value, torch.Tensor):
+            return value
+        return float(value)
+    if key in ("optim_bits", "min_8bit_size", "percentile_clipping"):
+        return value if type(value) is int else int(value)
+    return value
+
+
 def state_config_from_args(args: Any, **given: Any) -> dict[str, Any]:
     """bitsandbytes' ``args`` object: when given, its attributes replace the constructor values."""
     if args is None:
@@ -167,17 +187,27 @@ class GlobalOptimManager:
         self._param_overrides: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._module_overrides: list[tuple[weakref.ref, str, dict[str, Any]]] = []
         self._registered: list[weakref.ref] = []
-        self.version = 0  # bumped on every change; optimizers cache lookups per version
+        # bumped on every change, never reset (initialize too counts as a change): optimizers
+        # cache their lookups per version, so a version seen before must mean the same overrides
+        self.version = getattr(self, "version", -1) + 1
 
-    def register_parameters(self, params: Iterable[torch.Tensor] | torch.Tensor) -> None:
+    def register_parameters(self, params: Iterable[Any] | torch.Tensor) -> None:
         """Accepted for bitsandbytes compatibility: lionkit keys overrides by the parameter object
-        itself, so registering is not needed for overrides to work."""
+        itself, so registering is not needed for overrides to work. Takes what an optimizer
+        takes: tensors, or param-group dicts (their ``"params"``)."""
         if isinstance(params, torch.Tensor):
             params = [params]
-        for p in params:
+        flat: list[torch.Tensor] = []
+        for item in params:
+            if isinstance(item, dict) and "params" in item:
+                group = item["params"]
+                flat.extend([group] if isinstance(group, torch.Tensor) else group)
+            else:
+                flat.append(item)
+        for p in flat:
             if not isinstance(p, torch.Tensor):
-                raise ValueError(f"register_parameters expects tensors, got {type(p).__name__}")
-            self._registered.append(weakref.ref(p))
+                raise ValueError(f"register_parameters expects tensors or param-group dicts, got {type(p).__name__}")
+        self._registered.extend(weakref.ref(p) for p in flat)
         self.version += 1
 
     def override_config(

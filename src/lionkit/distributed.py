@@ -540,8 +540,6 @@ def prepare_state(opt: Any, p: "DTensor", cfg: dict[str, Any], eight: bool, bloc
             else:
                 state["state1"] = m.to(torch.float32, copy=True)
                 del state["absmax1"], state["qmap1"]
-    if cfg["percentile_clipping"] < 100 and "gnorm_vec" not in state:
-        state["gnorm_vec"] = torch.zeros(clipping.GNORM_HISTORY, dtype=torch.float32, device=loc.device)
     return state
 
 

@@ -58,6 +58,7 @@ class Plan:
         self.plists = [g["params"] for g in groups]
         self.lens = [len(g["params"]) for g in groups]
         self.settings = [_settings(g) for g in groups]
+        self.opt_settings = _opt_settings(opt)
         with_grad = {id(p) for _, p, _, _, _ in items}
         # per group, per parameter: whether it had a gradient
         self.had_grad = [[id(p) in with_grad for p in g["params"]] for g in groups]
@@ -115,6 +116,7 @@ class Plan:
             opt.state is not self.state_obj
             or len(groups) != len(self.plists)
             or config.GlobalOptimManager.get_instance().version != self.version
+            or _opt_settings(opt) != self.opt_settings
         ):
             return None
         for g, plist, n, settings in zip(groups, self.plists, self.lens, self.settings):
@@ -149,6 +151,7 @@ class Plan:
                 if (
                     p.data_ptr() != ptrs[k]
                     or p.shape != shape
+                    or not p.is_contiguous()  # p.data = p.data.t(): same pointer, shape and dtype
                     or p.dtype is not pdtypes[k]
                     or g.layout != _STRIDED
                     or g.dtype is not gdtypes[k]
@@ -207,8 +210,15 @@ class Plan:
 
 
 def _settings(group: dict[str, Any]) -> dict[str, Any]:
-    """A group's settings other than its parameters and learning rate."""
-    return {k: v for k, v in group.items() if k != "params" and k != "lr"}
+    """A group's settings other than its parameters and learning rate (a list, e.g. betas, as a
+    copy: a change made inside it must show)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in group.items() if k != "params" and k != "lr"}
+
+
+def _opt_settings(opt: Any) -> tuple:
+    """The optimizer's own settings that a plan depends on (attributes a user may set between
+    steps; an eligible plan has no global clipping and no paging, so setting either ends it)."""
+    return (opt.grad_clip_norm, opt.is_paged, opt.stochastic_rounding, opt.sr_seed)
 
 
 def _same_settings(group: dict[str, Any], settings: dict[str, Any]) -> bool:

@@ -75,6 +75,18 @@ def _refuse_param(p: torch.Tensor, name: str) -> None:
         )
 
 
+def mark_modified(params: Sequence[torch.Tensor]) -> None:
+    """Bump the autograd version counter of parameters a kernel wrote through their pointers
+    (the compiled CPU kernel, Triton), as an in-place torch op would: a graph that saved one of
+    them for backward then fails loudly ("modified by an inplace operation") instead of
+    differentiating with the new weights. Torch ops bump again; counting twice is harmless."""
+    try:
+        torch.autograd.graph.increment_version(params)  # a list: one call (torch >= 2.5)
+    except TypeError:
+        for p in params:
+            torch.autograd.graph.increment_version(p)
+
+
 def _memory_key(p: torch.Tensor) -> tuple | None:
     # Two distinct tensor objects with this key are the same memory seen twice (e.g. two
     # nn.Parameter wrappers of one tensor): updating both would apply every step twice.

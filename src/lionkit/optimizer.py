@@ -99,12 +99,13 @@ class _LionBase(torch.optim.Optimizer):
         )
         for key, value in state_cfg.items():
             config.check(key, value)
+            state_cfg[key] = config.plain(key, value)
         state_cfg.pop("max_unorm")
         config.check_bits_layout(state_cfg)
 
         self._default_schedule: Optional[Callable[[int], float]] = lr if callable(lr) else None
         self._lr_schedules: list[Optional[Callable[[int], float]]] = []
-        self.grad_clip_norm = grad_clip_norm
+        self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
         self.backend = backend
         self.is_paged = is_paged
         self._qmaps: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -122,9 +123,9 @@ class _LionBase(torch.optim.Optimizer):
 
         defaults = dict(
             lr=self._lr_value(lr, 0),
-            betas=tuple(betas),
-            weight_decay=weight_decay,
-            grad_clip_value=grad_clip_value,
+            betas=tuple(config.plain("betas", betas)),
+            weight_decay=config.plain("weight_decay", weight_decay),
+            grad_clip_value=config.plain("grad_clip_value", grad_clip_value),
             **state_cfg,
         )
         super().__init__(params, defaults)
@@ -160,9 +161,14 @@ class _LionBase(torch.optim.Optimizer):
             # kept between calls: adding one group per parameter stays linear
             index = self.__dict__.setdefault("_group_index", {})
             guards.check_new_group(self.param_groups, param_group["params"], index)
-        for key, value in param_group.items() if isinstance(param_group, dict) else ():
-            if key in config.GROUP_KEYS or key in config.STATE_KEYS:
-                config.check(key, value)
+        if isinstance(param_group, dict):
+            plain = {}
+            for key, value in param_group.items():
+                if key in config.GROUP_KEYS or key in config.STATE_KEYS:
+                    config.check(key, value)
+                    plain[key] = config.plain(key, value)
+            if any(plain[k] is not param_group[k] for k in plain):
+                param_group = {**param_group, **plain}
         super().add_param_group(param_group)
         self._lr_schedules.append(schedule)
 
@@ -240,8 +246,6 @@ class _LionBase(torch.optim.Optimizer):
             if self._format_of(current) != (bits, block_size):
                 m = current.dequantize() if isinstance(current, QuantizedState) else current
                 self._store(state, like, m.reshape(-1), bits, block_size)
-        if cfg["percentile_clipping"] < 100 and "gnorm_vec" not in state:
-            state["gnorm_vec"] = torch.zeros(clipping.GNORM_HISTORY, dtype=torch.float32, device=p.device)
         return state
 
     def _store(
@@ -285,6 +289,10 @@ class _LionBase(torch.optim.Optimizer):
                         config.check(key, group[key])
                     except ValueError as e:
                         raise ValueError(f"param group {gi}: {e}") from None
+                    # a value set by hand (a numpy scalar, say) is saved as a plain one
+                    value = config.plain(key, group[key])
+                    if value is not group[key]:
+                        group[key] = value
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -365,9 +373,10 @@ class _LionBase(torch.optim.Optimizer):
             ring, pscale = None, None
             if cfg["percentile_clipping"] < 100:
                 ring_now = state.get("gnorm_vec")
-                if ring_now is None:  # created with the state below
+                fresh = ring_now is None  # clipping's first step for p (maybe not p's first step)
+                if fresh:
                     ring_now = torch.zeros(clipping.GNORM_HISTORY, dtype=torch.float32, device=p.device)
-                ring, pscale = clipping.percentile_scale(ring_now, sq, step, cfg["percentile_clipping"])
+                ring, pscale = clipping.percentile_scale(ring_now, sq, step, cfg["percentile_clipping"], fresh)
             plans.append((gi, group, p, cfg, step, lr, sq, ring, pscale))
 
         gscale = 1.0
@@ -460,9 +469,13 @@ class _LionBase(torch.optim.Optimizer):
                     continue
                 ps, gs, ms, hps = zip(*items)
                 backend.step_many(ps, gs, ms, hps)
+                slow = getattr(backend, "fallback_count", 0)
+                if slow:
+                    self.backends_used[str(device)] += f" (+ torch for {slow} of {len(ps)} tensors)"
             for view, work_copy in copies:
                 view.copy_(work_copy)
             distributed.finish(dist_shared)
+            guards.mark_modified([p for _, _, p, *_ in plans])
 
             for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
                 state = self.state[p]
@@ -473,8 +486,11 @@ class _LionBase(torch.optim.Optimizer):
                     absmax = state["absmax1"]
                     absmax.masked_fill_(absmax.isinf(), float("nan"))
                 state["step"] = step
-                if ring is not None:
-                    state["gnorm_vec"].copy_(ring)
+                if ring is not None:  # the ring is created by the first step that clips (fresh)
+                    if "gnorm_vec" in state:
+                        state["gnorm_vec"].copy_(ring)
+                    else:
+                        state["gnorm_vec"] = ring
                 if self._lr_schedules[gi] is not None:
                     group["lr"] = lr  # visible, and what a checkpoint records
         except BaseException as e:
@@ -522,6 +538,7 @@ class _LionBase(torch.optim.Optimizer):
         hypers = plan.hypers(lrs)
         try:
             plan.run(grads, hypers)
+            guards.mark_modified(plan.params)
         except BaseException as e:
             self.torn = f"{type(e).__name__}: {e}"
             if hasattr(e, "add_note"):

@@ -291,6 +291,7 @@ class CompiledBackend:
             if row is None:
                 row = rows[id(hp)] = _hyper_row(hp)
             hrows.append(row)
+        self.fallback_count = len(slow)  # tensors this kernel cannot take (float64, ...): eager
         if slow:
             self._fallback.step_many(*zip(*slow))
         if not hrows:

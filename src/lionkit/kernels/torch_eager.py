@@ -1,5 +1,6 @@
-"""Plain PyTorch update, fp32 math, processed in chunks of whole blocks so a step allocates
-O(chunk) temporaries rather than O(parameter). Works on any device; the fallback path."""
+"""Plain PyTorch update, fp32 math (fp64 for float64 parameters), processed in chunks of whole
+blocks so a step allocates O(chunk) temporaries rather than O(parameter). Works on any device;
+the fallback path, and the only one for float64 parameters."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from .base import Momentum, StepHyper
 CHUNK = 1 << 18  # elements per chunk (a multiple of the block size): ~1 MiB per fp32 temporary
 
 
+def _math_dtype(p: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 parameters; fp64 for float64 ones, whose update would otherwise
+    be rounded to fp32 (lr * sign(c) below an fp32 ulp of p lost). The momentum is stored in
+    fp32 either way (the checkpoint format)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _direction(m: torch.Tensor, g: torch.Tensor, hp: StepHyper) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new fp32 gradient after scaling/clamping, sign of the interpolation)."""
+    """(new gradient after scaling/clamping, sign of the interpolation), in m's dtype."""
     if hp.grad_scale != 1.0:
         g = g * hp.grad_scale
     if hp.clip_value is not None:
@@ -26,9 +34,10 @@ def _direction(m: torch.Tensor, g: torch.Tensor, hp: StepHyper) -> tuple[torch.T
 
 
 def _update_chunk(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, hp: StepHyper) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (new p, new m) for one chunk; inputs are not modified."""
-    p0 = p.to(torch.float32)
-    g, direction = _direction(m, g.to(torch.float32), hp)
+    """(new p, new m) for one chunk, new m in fp32; inputs are not modified."""
+    dt = _math_dtype(p)
+    p0, m = p.to(dt), m.to(dt)
+    g, direction = _direction(m, g.to(dt), hp)
     # stepweight decay
     pf = p0 * (1 - hp.lr * hp.weight_decay) if hp.weight_decay != 0 else p0
     # weight update
@@ -39,7 +48,7 @@ def _update_chunk(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, hp: StepHyp
         zero = g == 0
         p_new = torch.where(zero, p0, p_new)
         m_new = torch.where(zero, m, m_new)
-    return p_new, m_new
+    return p_new, m_new.to(torch.float32)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -86,13 +95,13 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, q: QuantizedState, hp: StepHyper
             amax = torch.maximum(amax, m_new.abs().amax())
         for s in range(0, n, CHUNK):
             sl = slice(s, s + CHUNK)
-            m = q.qmap[codes[sl].long()] * scale_old
-            g_s = gf[sl].to(torch.float32)
-            g_s, _ = _direction(m, g_s, hp)
+            dt = _math_dtype(pf)  # as pass 1 computed it
+            m = (q.qmap[codes[sl].long()] * scale_old).to(dt)
+            g_s, _ = _direction(m, gf[sl].to(dt), hp)
             m_new = hp.beta2 * m + (1 - hp.beta2) * g_s
             if hp.skip_zeros:
                 m_new = torch.where(g_s == 0, m, m_new)
-            _quantize_into(m_new, codes[sl], amax, q.qmap)
+            _quantize_into(m_new.to(torch.float32), codes[sl], amax, q.qmap)
         q.absmax.copy_(amax.reshape(q.absmax.shape))
         return
     bs = q.block_size

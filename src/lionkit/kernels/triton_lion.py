@@ -176,6 +176,7 @@ class TritonBackend:
             else:
                 mode, qkey = _MODE_32, 0
             groups.setdefault((p.device, mode, p.dtype, g.dtype, qkey), []).append(item)
+        self.fallback_count = len(slow)  # tensors this kernel cannot take (float64, ...): eager
         if slow:
             self._fallback.step_many(*zip(*slow))
         for (device, mode, pdt, gdt, _), items in groups.items():

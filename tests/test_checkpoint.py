@@ -157,7 +157,7 @@ def test_lionkit_8bit_state_loads_into_bitsandbytes():
         lopt.step()
     q = torch.nn.Parameter(p.detach().clone())
     bopt = bnb.optim.Lion8bit([q], lr=1e-2)
-    bopt.load_state_dict(checkpoint.to_bitsandbytes(lopt.state_dict()))
+    bopt.load_state_dict(lionkit.to_bitsandbytes(lopt.state_dict()))  # exported as README says
     assert torch.equal(bopt.state[q]["state1"], lopt.state[p]["state1"])
     assert torch.equal(bopt.state[q]["absmax1"], lopt.state[p]["absmax1"])
     g = torch.randn(64, 300)

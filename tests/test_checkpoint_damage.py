@@ -98,6 +98,8 @@ DAMAGE = [
      "param group 1: state dict has 3 parameters, the optimizer has 2"),
     ("codes-without-absmax", _delete(("state", 0, "absmax1")),
      P0 + r": 8-bit momentum \(uint8 'state1'\) without its scales \('absmax1'\)"),
+    ("bnb-per-tensor-max1", lambda sd: (_delete(("state", 0, "absmax1"))(sd), _set(("state", 0, "max1"), torch.ones(1))(sd)),
+     P0 + r": bitsandbytes' per-tensor 8-bit state \('max1'.* cannot be loaded"),
     ("absmax-length", _set(("state", 3, "absmax1"), torch.ones(2)),
      P1G1 + r": 'absmax1' must be a float tensor of 3 block scales \(or 1 per-tensor scale\), got \(2,\)"),
     ("absmax-not-float", _set(("state", 0, "absmax1"), torch.ones(5, dtype=torch.int64)), P0 + ": 'absmax1' must be a float"),

@@ -150,3 +150,19 @@ def test_numpy_hyperparameters_are_stored_as_plain_values():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)
+
+
+def test_register_parameters_takes_param_groups_like_an_optimizer():
+    mng = lionkit.GlobalOptimManager.get_instance()
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    mng.register_parameters([{"params": [a, b]}, {"params": c}])
+    assert [r() for r in mng._registered] == [a, b, c]
+    with pytest.raises(ValueError, match="expects tensors or param-group dicts, got str"):
+        mng.register_parameters([{"params": ["x"]}])
+
+
+def test_is_paged_in_bitsandbytes_050_position_gets_a_hint():
+    p = torch.nn.Parameter(torch.zeros(3))
+    # bitsandbytes 0.50: (params, lr, betas, weight_decay, args, min_8bit_size, is_paged)
+    with pytest.raises(ValueError, match=r"Invalid percentile_clipping: False .*pass is_paged by keyword"):
+        lionkit.Lion8bit([p], 1e-4, (0.9, 0.99), 0.0, None, 4096, False)

@@ -6,7 +6,7 @@ learning-rate schedules and gradient clipping from MLX and braintools.
 """
 
 try:
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_bitsandbytes
     from .guards import NonFiniteGradientError
     from .config import GlobalOptimManager
     from .lion import Lion, Lion4bit, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
@@ -39,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",
+    "to_bitsandbytes",
     "NonFiniteGradientError",
     "__version__",
 ]

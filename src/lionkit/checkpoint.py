@@ -97,6 +97,13 @@ def parse_param_state(st: Any, p: torch.Tensor, where: str) -> dict[str, Any]:
     contiguous = torch.contiguous_format
     if s1.dtype == torch.uint8:
         bits = 4 if four else 8
+        if "absmax1" not in st and "max1" in st:
+            raise ValueError(
+                f"{where}: bitsandbytes' per-tensor 8-bit state ('max1', from block_wise=False in bitsandbytes "
+                "<= 0.49) cannot be loaded: its codes were written with one scale and are read with another, so "
+                "the momentum it holds is not defined. Save it from bitsandbytes with block_wise=True, or leave "
+                "this parameter's state out of the dict to restart its momentum from zero"
+            )
         if "absmax1" not in st:
             raise ValueError(f"{where}: {bits}-bit momentum (uint8 'state1') without its scales ('absmax1')")
         absmax = st["absmax1"]

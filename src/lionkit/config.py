@@ -73,7 +73,13 @@ def check_bits_layout(cfg: dict[str, Any]) -> None:
 
 def check_percentile(pc: Any) -> None:
     if not isinstance(pc, numbers.Integral) or isinstance(pc, bool) or not 1 <= pc <= 100:
-        raise ValueError(f"Invalid percentile_clipping: {pc!r} (must be an int in [1, 100]; 100 turns it off)")
+        hint = ""
+        if isinstance(pc, bool):  # bitsandbytes 0.50 dropped percentile_clipping: is_paged moved up
+            hint = (
+                "; bitsandbytes >= 0.50 takes is_paged in this position, lionkit keeps the <= 0.49 order "
+                "(..., min_8bit_size, percentile_clipping, block_wise, is_paged): pass is_paged by keyword"
+            )
+        raise ValueError(f"Invalid percentile_clipping: {pc!r} (must be an int in [1, 100]; 100 turns it off{hint})")
 
 
 def check_min_8bit_size(n: Any) -> None:

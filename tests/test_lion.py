@@ -277,6 +277,36 @@ def test_callable_lr_update_k_uses_schedule_k_minus_1():
     assert seen[-3:] == [0, 1, 2]
 
 
+def test_callable_lr_set_from_outside_warns_once_and_the_schedule_decides():
+    p, q = torch.nn.Parameter(torch.zeros(5000)), torch.nn.Parameter(torch.zeros(5000))
+    opt = lionkit.Lion8bit([{"params": [p], "lr": lambda k: 0.1}, {"params": [q], "lr": 0.1}])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)  # leaves lr as it is: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):  # full and planned steps
+            p.grad, q.grad = torch.ones(5000), torch.ones(5000)
+            opt.step()
+            sched.step()
+        opt.load_state_dict(opt.state_dict())
+        p.grad, q.grad = torch.ones(5000), torch.ones(5000)
+        opt.step()
+    for group in opt.param_groups:
+        group["lr"] = 0.0  # by hand: group 1 (a float lr) follows, group 0 (the schedule) does not
+    for k in range(2):
+        before = p.detach().clone(), q.detach().clone()
+        p.grad, q.grad = torch.ones(5000), torch.ones(5000)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == (1 if k == 0 else 0)
+        if k == 0:
+            assert "param group 0 has an lr schedule" in messages[0] and "set to 0.0" in messages[0]
+            opt.param_groups[0]["lr"] = 0.0  # again: still only once
+        torch.testing.assert_close(before[0] - p.detach(), torch.full((5000,), 0.1))
+        assert torch.equal(before[1], q.detach())
+
+
 def test_callable_lr_returning_bad_value_is_refused():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = lionkit.Lion([p], lr=lambda s: 1.0 if s == 0 else -1.0)

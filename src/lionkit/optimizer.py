@@ -7,6 +7,7 @@ The public classes in ``lion.py`` only fix defaults (``optim_bits``, ``is_paged`
 from __future__ import annotations
 
 import functools
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -105,6 +106,9 @@ class _LionBase(torch.optim.Optimizer):
 
         self._default_schedule: Optional[Callable[[int], float]] = lr if callable(lr) else None
         self._lr_schedules: list[Optional[Callable[[int], float]]] = []
+        # per scheduled group: the lr lionkit last wrote into it, to notice a value set from
+        # outside (by hand, or by a torch lr_scheduler), which the schedule overrides
+        self._sched_lr: dict[int, Any] = {}
         self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
         self.backend = backend
         self.is_paged = is_paged
@@ -171,6 +175,8 @@ class _LionBase(torch.optim.Optimizer):
                 param_group = {**param_group, **plain}
         super().add_param_group(param_group)
         self._lr_schedules.append(schedule)
+        if schedule is not None:
+            self._sched_lr[len(self.param_groups) - 1] = self.param_groups[-1]["lr"]
 
     def _config(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """The group's settings with the global manager's overrides for ``p`` applied."""
@@ -340,6 +346,8 @@ class _LionBase(torch.optim.Optimizer):
                 loss = closure()
         if self.torn is not None:
             raise RuntimeError(_torn_message(self.torn))
+        if self._sched_lr:
+            self._warn_if_schedule_overridden()
         plan, self._plan = self._plan, None
         # the planned step writes through the kernels' pointers (or under no_grad in Plan.run)
         if plan is not None and self._planned_step(plan):
@@ -347,6 +355,21 @@ class _LionBase(torch.optim.Optimizer):
             return loss
         with torch.no_grad():
             return self._full_step(loss)
+
+    def _warn_if_schedule_overridden(self) -> None:
+        """A group with an lr schedule (callable lr) whose ``lr`` was set from outside since
+        lionkit wrote it: the schedule still decides, say so (once per group)."""
+        warned = self.__dict__.setdefault("_sched_warned", set())
+        for gi, written in self._sched_lr.items():
+            lr = self.param_groups[gi]["lr"]
+            if lr is not written and lr != written and gi not in warned:
+                warned.add(gi)
+                warnings.warn(
+                    f"lionkit: param group {gi} has an lr schedule (a callable lr), which decides every step's "
+                    f"lr; its 'lr' was set to {lr!r} from outside (by hand or by a torch.optim.lr_scheduler) and "
+                    "is overridden. Use one or the other: a float lr with a torch scheduler, or the callable alone",
+                    stacklevel=3,
+                )
 
     def _full_step(self, loss: Any) -> Any:
         """The step through every check (``step`` without a usable plan); returns ``loss``."""
@@ -492,7 +515,7 @@ class _LionBase(torch.optim.Optimizer):
                     else:
                         state["gnorm_vec"] = ring
                 if self._lr_schedules[gi] is not None:
-                    group["lr"] = lr  # visible, and what a checkpoint records
+                    group["lr"] = self._sched_lr[gi] = lr  # visible, and what a checkpoint records
         except BaseException as e:
             if not kernels_started:
                 for p, saved in saved_dicts.items():
@@ -547,7 +570,7 @@ class _LionBase(torch.optim.Optimizer):
         plan.advance()
         for gi in plan.active_groups:
             if self._lr_schedules[gi] is not None:
-                self.param_groups[gi]["lr"] = lrs[gi]
+                self.param_groups[gi]["lr"] = self._sched_lr[gi] = lrs[gi]
         return True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -588,6 +611,7 @@ class _LionBase(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, new_groups):
             group.update(saved)
         self.state = defaultdict(dict, new_state)
+        self._sched_lr = {gi: g["lr"] for gi, g in enumerate(self.param_groups) if self._lr_schedules[gi] is not None}
         for group in self.param_groups:
             for p in group["params"]:
                 if p in self.state and "state1" in self.state[p]:

@@ -377,6 +377,70 @@ def test_bad_group_setting_refused_before_any_write():
     _step_fails_cleanly(opt, params, ValueError, r"param group 0: Invalid beta at index 1")
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("optim_bits", 7, "Invalid optim_bits: 7"),
+        ("percentile_clipping", 150, "Invalid percentile_clipping: 150"),
+        ("percentile_clipping", 50.5, "Invalid percentile_clipping: 50.5"),
+        ("min_8bit_size", "a", "Invalid min_8bit_size: 'a'"),
+        ("block_wise", "no", "Invalid block_wise: 'no'"),
+        ("skip_zeros", "no", "Invalid skip_zeros: 'no'"),
+        ("max_unorm", 1.0, "Invalid max_unorm: 1.0"),
+    ],
+)
+def test_storage_setting_changed_in_a_group_refused_before_any_write(key, value, message):
+    opt, params = trained("lion8-block")
+    set_grads(params, 5)
+    opt.param_groups[1][key] = value
+    _step_fails_cleanly(opt, params, ValueError, "param group 1: " + message)
+
+
+@pytest.mark.parametrize(
+    "attr, value, message",
+    [
+        ("grad_clip_norm", -1.0, "Invalid grad_clip_norm: -1.0"),  # would step uphill
+        ("grad_clip_norm", 0.0, "Invalid grad_clip_norm: 0.0"),
+        ("nonfinite", "bogus", "Invalid nonfinite: 'bogus'"),
+        ("stochastic_rounding", "yes", "Invalid stochastic_rounding: 'yes'"),
+        ("is_paged", "x", "Invalid is_paged: 'x'"),
+        ("sr_seed", -5, "Invalid sr_seed: -5"),
+    ],
+)
+def test_optimizer_setting_changed_by_hand_refused_before_any_write(attr, value, message):
+    opt, params = trained("lion32")  # planned steps by now: the plan must hand over to the checks
+    set_grads(params, 5)
+    setattr(opt, attr, value)
+    _step_fails_cleanly(opt, params, ValueError, "optimizer setting: " + message)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_global_clipping_of_a_huge_finite_gradient(backend):
+    # norm 1e20: its square overflows fp32; the scale must still be 1 / norm, not 0
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = lionkit.Lion([p], lr=0.1, grad_clip_norm=1.0, backend=backend)
+    g = torch.ones(1000)
+    g[0] = 1e20
+    p.grad = g
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((1000,), -0.1))
+    torch.testing.assert_close(opt.state[p]["state1"], 0.01 * g / 1e20)
+
+
+def test_load_failing_in_conversion_changes_nothing():
+    # the checkpoint is valid, converting it to what the optimizer wants is not (an override
+    # asking 4 bits of a per-tensor optimizer): everything as before, the parameter named
+    opt, params = trained("lion8-tensor")
+    good = opt.state_dict()
+    set_grads(params, 5)
+    opt.step()
+    before = snapshot(opt)
+    lionkit.GlobalOptimManager.get_instance().override_config(params[2], "optim_bits", 4)
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 1 .*Invalid block_wise: False with optim_bits=4"):
+        opt.load_state_dict(good)
+    assert_same(before, snapshot(opt))
+
+
 def test_failing_schedule_changes_nothing():
     params = make_params()
 

@@ -83,6 +83,11 @@ def parse_param_state(st: Any, p: torch.Tensor, where: str) -> dict[str, Any]:
     s1 = st["state1"]
     if not isinstance(s1, torch.Tensor):
         raise ValueError(f"{where}: 'state1' must be a tensor, got {type(s1).__name__}")
+    for key in ("state1", "absmax1", "qmap1", "gnorm_vec"):
+        t = st.get(key)
+        if isinstance(t, torch.Tensor) and (t.is_meta or t.layout != torch.strided):
+            kind = "on the meta device (no data)" if t.is_meta else f"of layout {t.layout}"
+            raise ValueError(f"{where}: '{key}' is a tensor {kind}; a checkpoint holds dense tensors with data")
     like = guards.as_real(p)  # a complex parameter's state is that of its real view
     qmap = st.get("qmap1")
     four = quant4.is_map4(qmap)
@@ -169,14 +174,14 @@ def parse_state_dict(
                 raise ValueError(f"state dict lists parameter id {key!r} twice (again in param group {gi})")
             id_map[key] = (p, f"parameter {i} of param group {gi} (shape {tuple(p.shape)})")
         upd = {k: v for k, v in saved.items() if k != "params" and k not in _DROPPED_GROUP_KEYS}
-        if "betas" in upd:
-            upd["betas"] = tuple(upd["betas"])
         for k, v in upd.items():
             if k in config.GROUP_KEYS or k in config.STATE_KEYS:
                 try:
                     config.check(k, v)
                 except ValueError as e:
                     raise ValueError(f"param group {gi} of the state dict: {e}") from None
+        if "betas" in upd:
+            upd["betas"] = tuple(upd["betas"])
         # The optimizer's own storage settings win over the checkpoint's (its state is converted
         # to them): that is how an 8-bit checkpoint loads into a 32-bit optimizer.
         upd = {k: v for k, v in upd.items() if k not in config.STATE_KEYS}

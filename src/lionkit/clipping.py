@@ -14,8 +14,12 @@ GNORM_HISTORY = 100
 
 
 def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
-    """sum(g^2) accumulated in fp32 (bf16/fp16 gradients included; fp64 stays fp64), as a 0-dim tensor."""
-    return torch.linalg.vector_norm(g, 2, dtype=torch.promote_types(g.dtype, torch.float32)).square()
+    """sum(g^2) as a 0-dim tensor, accumulated in fp64 (fp32 on MPS, which has no fp64): a
+    huge but finite gradient (norm above ~1.8e19, what global clipping is for) then has a finite
+    squared norm instead of an fp32 overflow that would scale every gradient to 0. The fp32
+    percentile ring stores it rounded to fp32, as bitsandbytes' fp32 norms."""
+    dtype = torch.float32 if g.device.type == "mps" else torch.float64
+    return torch.linalg.vector_norm(g, 2, dtype=dtype).square()
 
 
 def percentile_scale(

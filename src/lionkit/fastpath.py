@@ -218,7 +218,7 @@ def _settings(group: dict[str, Any]) -> dict[str, Any]:
 def _opt_settings(opt: Any) -> tuple:
     """The optimizer's own settings that a plan depends on (attributes a user may set between
     steps; an eligible plan has no global clipping and no paging, so setting either ends it)."""
-    return (opt.grad_clip_norm, opt.is_paged, opt.stochastic_rounding, opt.sr_seed)
+    return (opt.grad_clip_norm, opt.is_paged, opt.stochastic_rounding, opt.sr_seed, opt.nonfinite)
 
 
 def _same_settings(group: dict[str, Any], settings: dict[str, Any]) -> bool:

@@ -287,8 +287,17 @@ class _LionBase(torch.optim.Optimizer):
         """Every (group index, group, parameter) with a gradient, after checking parameters,
         gradients, existing state and group settings; raises naming the first problem."""
         work = []
+        # the optimizer's own settings are attributes a user may set between steps too
+        try:
+            config.check_clip_norm(self.grad_clip_norm)
+            config.check_bool("stochastic_rounding", self.stochastic_rounding)
+            config.check_bool("is_paged", self.is_paged)
+            guards.check_nonfinite_policy(self.nonfinite)
+            rounding.check_seed("sr_seed", self.sr_seed)
+        except ValueError as e:
+            raise ValueError(f"optimizer setting: {e}") from None
         for gi, group in enumerate(self.param_groups):
-            for key in config.GROUP_KEYS:
+            for key in (*config.GROUP_KEYS, *config.STATE_KEYS):
                 # settings may have been changed by hand or by a scheduler since the last step
                 if key in group and not (key == "lr" and self._lr_schedules[gi] is not None):
                     try:
@@ -299,6 +308,10 @@ class _LionBase(torch.optim.Optimizer):
                     value = config.plain(key, group[key])
                     if value is not group[key]:
                         group[key] = value
+            try:
+                config.check_bits_layout(group)
+            except ValueError as e:
+                raise ValueError(f"param group {gi}: {e}") from None
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -606,16 +619,32 @@ class _LionBase(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         new_groups, new_state = checkpoint.parse_state_dict(self.param_groups, state_dict)
-        # Everything validated: commit.
-        self._plan = None
-        for group, saved in zip(self.param_groups, new_groups):
-            group.update(saved)
-        self.state = defaultdict(dict, new_state)
-        self._sched_lr = {gi: g["lr"] for gi, g in enumerate(self.param_groups) if self._lr_schedules[gi] is not None}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in self.state and "state1" in self.state[p]:
-                    self._prepare_state(p, self._config(group, p))
+        # Everything validated: commit, then convert the loaded state to this optimizer's formats
+        # (which can still fail: an override it cannot honour, out of memory); on failure the
+        # optimizer gets back what it had (the loaded dicts are copies; conversions never
+        # modify a tensor they read).
+        before = ([dict(g) for g in self.param_groups], self.state, self._sched_lr, self._plan)
+        try:
+            self._plan = None
+            for group, saved in zip(self.param_groups, new_groups):
+                group.update(saved)
+            self.state = defaultdict(dict, new_state)
+            self._sched_lr = {
+                gi: g["lr"] for gi, g in enumerate(self.param_groups) if self._lr_schedules[gi] is not None
+            }
+            for gi, group in enumerate(self.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if p in self.state and "state1" in self.state[p]:
+                        try:
+                            self._prepare_state(p, self._config(group, p))
+                        except ValueError as e:
+                            raise ValueError(f"{guards.where(gi, i, p)}: {e}") from None
+        except BaseException:
+            groups, self.state, self._sched_lr, self._plan = before
+            for group, old in zip(self.param_groups, groups):
+                group.clear()
+                group.update(old)
+            raise
         self.torn = None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -79,8 +79,21 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert result["ceiling_gbs"] > 0 and result["machine"]["cpu_count"] >= 1
 
 
-def test_bad_arguments_are_refused():
-    with pytest.raises(SystemExit):
-        bench.main(["--rounds", "0"])
-    with pytest.raises(SystemExit):
-        bench.main(["--device", "tpu"])
+def test_bad_arguments_are_refused(tmp_path, capsys, monkeypatch):
+    # refused before any measuring (run() would take minutes): usage errors naming the option
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("measured despite a bad argument"))
+    bad = [
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+        (["--variants", "("], "--variants '(' is not a valid regular expression"),
+        (["--timeout", "-1"], "--timeout must be > 0 seconds"),
+        (["--json", str(tmp_path / "missing" / "b.json")], "does not exist or is not writable"),
+        (["--json", str(tmp_path)], "is a directory"),
+    ]
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda"], "--device cuda: no CUDA device here"))
+    for argv, message in bad:
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, argv

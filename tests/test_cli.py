@@ -48,6 +48,18 @@ def test_demo_rejects_bad_epochs(capsys):
     assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_demo_refuses_unwritable_outputs_before_training(tmp_path, capsys, monkeypatch):
+    from lionkit import demo
+
+    monkeypatch.setattr(demo, "run", lambda **kw: pytest.fail("trained despite an unwritable output"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["demo", "--out", str(blocker / "curves.png")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert cli.main(["demo", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", sorted(cli.DELEGATED))
 def test_delegated_commands_get_their_arguments_untouched(monkeypatch, command):
     calls = []

@@ -25,7 +25,7 @@ compiled CPU kernel and the eager backend), and the installed
 peers on the same tensors: bitsandbytes ``Lion``/``Lion8bit``, lion-pytorch (plain and
 foreach), DeepSpeed's ``DeepSpeedCPULion`` (CPU), torch ``AdamW(fused=True)``. A peer that is
 missing or fails says why in the table instead of a number. The run ends with the goals of the
-fused kernels (issue 3), each marked met or not. ``--json PATH`` writes everything, with a
+fused kernels, each marked met or not. ``--json PATH`` writes everything, with a
 description of the machine.
 
 Example::
@@ -413,7 +413,7 @@ def _fmt(x: Optional[float], spec: str, none: str = "-") -> str:
 
 
 def evaluate_goals(rows: dict[str, dict], device: str) -> list[dict]:
-    """The goals of the fused kernels (issue 3), each with the measured value and met or not."""
+    """The goals of the fused kernels, each with the measured value and met or not."""
     goals = []
     fast = "compiled" if device == "cpu" else "triton"
 
@@ -480,7 +480,7 @@ def render(result: dict) -> str:
             f"{_fmt(r.get('cold_first_step_s'), '8.2f')} {_fmt(extra, '10.2f')}"
         )
     if result.get("goals"):
-        lines += ["", "goals (issue 3):"]
+        lines += ["", "goals of the fused kernels:"]
         for g in result["goals"]:
             mark = "n/a " if g["met"] is None else ("MET " if g["met"] else "MISS")
             lines.append(f"  [{mark}] {g['goal']}: {g['shown']}")
@@ -593,13 +593,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
     ap.add_argument("--variants", default="", help="regular expression selecting variants by name")
     ap.add_argument("--no-peers", action="store_true", help="lionkit only")
-    ap.add_argument("--no-goals", action="store_true", help="do not evaluate issue 3's goals")
-    ap.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: a smoke test in seconds")
+    ap.add_argument("--no-goals", action="store_true", help="do not evaluate the fused kernels' speed and memory goals")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 2 rounds, no goals: a smoke test (a minute or so; the kernel's first C++ build adds ~10 s)")
     ap.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per worker process")
     ap.add_argument("--verbose", action="store_true", help="progress on stderr")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     return ap
+
+
+def _check_writable(ap: argparse.ArgumentParser, option: str, path: str) -> None:
+    """A usage error now, not after minutes of measuring, if ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        ap.error(f"{option} {path!r} is a directory")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        ap.error(f"{option} {path!r}: folder {folder!r} does not exist or is not writable")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -621,6 +630,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"--params must be >= 1e4, got {args.params:g}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         ap.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if not args.timeout > 0:
+        ap.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    if args.variants:
+        try:
+            re.compile(args.variants)
+        except re.error as e:
+            ap.error(f"--variants {args.variants!r} is not a valid regular expression: {e}")
+    if args.json:
+        _check_writable(ap, "--json", args.json)
     if args.quick:
         args.params = min(args.params, 3e5)
         args.rounds = min(args.rounds, 2)

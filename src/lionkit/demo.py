@@ -387,11 +387,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def _unwritable(path: str) -> Optional[str]:
+    """Why ``path`` cannot be written (its folder is created if missing), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"cannot create its folder ({e.strerror or e})"
+    if os.path.isdir(path):
+        return "is a directory"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder!r} is not writable"
+    return None
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo from parsed options; 0 on success."""
     for name in ("epochs", "threads"):
         if getattr(args, name) < 1:
             print(f"lionkit demo: error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    # the output files' folders, before the training (which a bad path would otherwise waste)
+    for option, path in (("--out", args.out), ("--json", args.json_path)):
+        problem = _unwritable(path) if path else None
+        if problem:
+            print(f"lionkit demo: error: {option} {path!r}: {problem}", file=sys.stderr)
             return 2
     run(
         epochs=args.epochs,

@@ -441,6 +441,29 @@ def test_load_failing_in_conversion_changes_nothing():
     assert_same(before, snapshot(opt))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("damage", ["qmap-short", "qmap-float64", "qmap-missing", "absmax-int", "state1-strided"])
+def test_state_replaced_by_hand_refused_before_any_write(backend, damage):
+    # opt.state edited directly (load_state_dict validates its input itself): checked before
+    # the kernels would fail on it half-way (or, planned, ignore it)
+    opt, params = trained("lion8-block", backend=backend)
+    st = opt.state[params[2]]  # the third tensor: two are before it in the step
+    if damage == "qmap-short":
+        st["qmap1"] = st["qmap1"][:100].clone()
+    elif damage == "qmap-float64":
+        st["qmap1"] = st["qmap1"].double()
+    elif damage == "qmap-missing":
+        del st["qmap1"]
+    elif damage == "absmax-int":
+        st["absmax1"] = st["absmax1"].int()
+    else:
+        spread = torch.empty(600, dtype=torch.uint8)
+        spread[::2] = st["state1"]
+        st["state1"] = spread[::2]  # same values, every other byte
+    set_grads(params, 5)
+    _step_fails_cleanly(opt, params, ValueError, r"parameter 0 of param group 1 \(shape \(300,\)")
+
+
 def test_failing_schedule_changes_nothing():
     params = make_params()
 

@@ -67,6 +67,7 @@ class Plan:
         self.states = [st for _, _, st, _, _ in items]
         self.s1 = [st["state1"] for st in self.states]
         self.absmax = [st.get("absmax1") for st in self.states]
+        self.qmaps = [st.get("qmap1") for st in self.states]
         self.ptrs = [p.data_ptr() for p in self.params]
         self.shapes = [p.shape for p in self.params]
         self.pdtypes = [p.dtype for p in self.params]
@@ -133,9 +134,9 @@ class Plan:
         dev = self.device
         on_cpu = dev.type == "cpu"  # g.is_cpu: no device object per gradient
         k = 0
-        params, states, s1, absmax, ptrs, shapes, gdtypes, steps, pdtypes = (
-            self.params, self.states, self.s1, self.absmax, self.ptrs, self.shapes, self.gdtypes, self.steps,
-            self.pdtypes,
+        params, states, s1, absmax, qmaps, ptrs, shapes, gdtypes, steps, pdtypes = (
+            self.params, self.states, self.s1, self.absmax, self.qmaps, self.ptrs, self.shapes, self.gdtypes,
+            self.steps, self.pdtypes,
         )
         for plist, had_grad in zip(self.plists, self.had_grad):
             for p, had in zip(plist, had_grad):
@@ -160,6 +161,7 @@ class Plan:
                     or not g.is_contiguous()
                     or st.get("state1") is not s1[k]
                     or st.get("absmax1") is not absmax[k]
+                    or st.get("qmap1") is not qmaps[k]  # the kernel's tables came from this map
                     or st.get("step") != steps[k]
                 ):
                     return None

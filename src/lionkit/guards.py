@@ -194,12 +194,16 @@ def check_state(state: dict[str, Any], p: torch.Tensor, gi: int, i: int) -> None
     if s1 is None:
         return
     like = as_real(p)
-    shape, blocks = state_layout(like, s1, state.get("qmap1"))
-    if s1.shape == shape and s1.device == p.device:
+    qmap = state.get("qmap1")
+    shape, blocks = state_layout(like, s1, qmap)
+    if s1.shape == shape and s1.device == p.device and s1.is_contiguous():
         if s1.dtype != torch.uint8:
             return
         absmax = state.get("absmax1")
-        if absmax is not None and absmax.device == p.device and absmax.numel() in blocks:
+        if (
+            absmax is not None and absmax.device == p.device and absmax.numel() in blocks
+            and absmax.dtype == torch.float32 and absmax.is_contiguous() and _usable_map(qmap, p.device)
+        ):
             return
     name = where(gi, i, p)
     if s1.shape != shape:
@@ -213,12 +217,29 @@ def check_state(state: dict[str, Any], p: torch.Tensor, gi: int, i: int) -> None
             f"{name}: its optimizer state is on {s1.device}, the parameter now on {p.device} (move the optimizer "
             "state too, e.g. by loading opt.state_dict() again after moving the model)"
         )
+    if not s1.is_contiguous():
+        raise ValueError(f"{name}: its optimizer state 'state1' is not contiguous (was it replaced by hand?)")
     if s1.dtype == torch.uint8:
         absmax = state.get("absmax1")
         if absmax is None or absmax.numel() not in blocks or absmax.device != p.device:
             raise ValueError(
                 f"{name}: its quantized optimizer state has no matching 'absmax1' ({blocks[-1]} block scales)"
             )
+        if absmax.dtype != torch.float32 or not absmax.is_contiguous():
+            raise ValueError(f"{name}: its 'absmax1' must be a contiguous float32 tensor, got {absmax.dtype}")
+        if not _usable_map(qmap, p.device):
+            got = f"{qmap.dtype} {tuple(qmap.shape)} on {qmap.device}" if isinstance(qmap, torch.Tensor) else repr(qmap)
+            raise ValueError(
+                f"{name}: its quantized optimizer state has no usable 'qmap1' (a float32 map of 256 values, or "
+                f"lionkit's 4-bit one, on {p.device}); got {got}"
+            )
+
+
+def _usable_map(qmap: Any, device: torch.device) -> bool:
+    return (
+        isinstance(qmap, torch.Tensor) and qmap.dtype == torch.float32 and qmap.device == device
+        and qmap.dim() == 1 and (qmap.numel() == 256 or quant4.is_map4(qmap))
+    )
 
 
 def state_layout(like: torch.Tensor, s1: torch.Tensor, qmap: Any) -> tuple[torch.Size, tuple[int, ...]]:

@@ -109,6 +109,12 @@ def test_bad_arguments():
         Lion(betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="weight_decay"):
         Lion(weight_decay=-1.0)
+    # numpy numbers are checked like Python ones (np.float32(1.5) used to pass)
+    with pytest.raises(ValueError, match="betas"):
+        Lion(betas=(np.float32(1.5), 0.99))
+    with pytest.raises(ValueError, match="block_size"):
+        Lion8bit(block_size=np.int64(0))
+    assert Lion8bit(betas=np.float32([0.9, 0.99]), block_size=np.int64(128)).block_size == 128
 
 
 def test_docs_examples_run():

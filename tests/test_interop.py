@@ -416,3 +416,120 @@ def test_to_jax_sets_schedule_counts():
     # the fp32 momentum went into the 8-bit leaf quantized, into the small leaf as is
     back = interop.from_jax(st)
     assert back[0].is_8bit and not back[1].is_8bit
+
+
+# --------------------------------------------------------------------------- names
+def _qkv(order):
+    """Two same-shape parameters whose momenta differ, in the given dict order."""
+    values = {"wq": np.full((8, 8), 1.0, np.float32), "wk": np.full((8, 8), -2.0, np.float32)}
+    return {k: values[k] for k in order}
+
+
+def test_same_shape_parameters_are_matched_by_name_mlx_to_jax():
+    # MLX flattens dicts in insertion order, JAX in sorted key order: by position, wq and wk
+    # would swap (same shapes, so no shape check could notice)
+    mx, lmlx = _mlx()
+    _, jnp, _, ljax = _jax()
+    grads = _qkv(["wq", "wk"])
+    opt = lmlx.Lion(LR)
+    mp = opt.apply_gradients({k: mx.array(v) for k, v in grads.items()}, {k: mx.zeros((8, 8)) for k in grads})
+    mx.eval(mp, opt.state)
+    states = interop.from_mlx(opt, mp)
+    assert [st.name for st in states] == ["wq", "wk"]
+    pj = {k: jnp.zeros((8, 8)) for k in grads}
+    back = interop.from_jax(interop.to_jax(states, ljax.lion(LR).init(pj)))
+    assert [st.name for st in back] == ["wk", "wq"]  # JAX's order
+    for st in back:
+        assert np.array_equal(st.momentum, np.array(opt.state[st.name]["m"]))
+    # by position (names ignored) they are swapped: what by_name=False asks for
+    swapped = interop.from_jax(interop.to_jax(states, ljax.lion(LR).init(pj), by_name=False))
+    assert np.array_equal(swapped[0].momentum, np.array(opt.state["wq"]["m"]))
+    # and JAX -> MLX in MLX's order again
+    opt2 = lmlx.Lion8bit(LR, min_8bit_size=0)
+    interop.to_mlx(back, opt2, {k: mx.zeros((8, 8)) for k in grads})
+    again = interop.from_mlx(opt2, {k: mx.zeros((8, 8)) for k in grads})
+    assert [st.name for st in again] == ["wq", "wk"]
+    for a, b in zip(again, states):
+        assert np.array_equal(a.codes, interop.quantize(b.momentum)[0])
+
+
+def test_name_mismatch_is_refused():
+    _, jnp, _, ljax = _jax()
+    states = [interop.MomentumState(1, (8, 8), momentum=np.ones((8, 8), np.float32), name=n) for n in ("a", "b")]
+    init = ljax.lion(LR).init({"a": jnp.zeros((8, 8)), "c": jnp.zeros((8, 8))})
+    with pytest.raises(ValueError, match=r"\['c'\].*\['b'\].*by_name=False"):
+        interop.to_jax(states, init)
+    assert len(interop.from_jax(interop.to_jax(states, init, by_name=False))) == 2
+    unnamed = [interop.MomentumState(1, (8, 8), momentum=np.ones((8, 8), np.float32)) for _ in range(2)]
+    with pytest.raises(ValueError, match="by_name=True"):
+        interop.to_jax(unnamed, init, by_name=True)
+    interop.to_jax(unnamed, init)  # no names: by position
+
+
+def test_nested_names_agree_between_jax_and_mlx():
+    mx, lmlx = _mlx()
+    _, jnp, _, ljax = _jax()
+    tree = {"layers": [{"weight": (4, 3), "bias": (4,)}, {"weight": (2, 4)}]}
+    pm = {"layers": [{"weight": mx.zeros((4, 3)), "bias": mx.zeros(4)}, {"weight": mx.zeros((2, 4))}]}
+    pj = {"layers": [{"weight": jnp.zeros((4, 3)), "bias": jnp.zeros(4)}, {"weight": jnp.zeros((2, 4))}]}
+    opt = lmlx.Lion(LR)
+    opt.init(pm)
+    want = {"layers.0.weight", "layers.0.bias", "layers.1.weight"}
+    assert {st.name for st in interop.from_mlx(opt, pm)} == want
+    assert {st.name for st in interop.from_jax(ljax.lion(LR).init(pj))} == want
+    assert tree is not None
+
+
+def test_torch_names_and_npz_keep_names(tmp_path):
+    torch = _torch()
+    _, jnp, _, ljax = _jax()
+    import lionkit
+
+    a, b = torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 8))
+    opt = lionkit.Lion([a, b], lr=LR, backend="torch")
+    a.grad, b.grad = torch.ones(8, 8), -torch.ones(8, 8)
+    opt.step()
+    with pytest.raises(ValueError, match="1 names"):
+        interop.from_torch(opt, names=["wq"])
+    states = interop.from_torch(opt, names=["wq", "wk"])
+    assert [st.name for st in states] == ["wq", "wk"] and interop.from_torch(opt)[0].name is None
+    interop.save_npz(tmp_path / "s.npz", states)
+    loaded = interop.load_npz(tmp_path / "s.npz")
+    assert [st.name for st in loaded] == ["wq", "wk"] and _same_states(states, loaded)
+    back = interop.from_jax(interop.to_jax(loaded, ljax.lion(LR).init({"wq": jnp.zeros((8, 8)), "wk": jnp.zeros((8, 8))})))
+    assert {st.name: float(st.momentum[0, 0]) for st in back} == pytest.approx({"wq": 0.01, "wk": -0.01})
+    # into torch by name, whatever the order of the names
+    c, d = torch.nn.Parameter(torch.zeros(8, 8)), torch.nn.Parameter(torch.zeros(8, 8))
+    opt2 = lionkit.Lion([c, d], lr=LR, backend="torch")
+    interop.to_torch(back, opt2, names=["wq", "wk"])
+    got = interop.from_torch(opt2)
+    assert float(got[0].momentum[0, 0]) == pytest.approx(0.01) and float(got[1].momentum[0, 0]) == pytest.approx(-0.01)
+
+
+def test_from_mlx_with_frozen_parameters_names_trainable_parameters():
+    mx, lmlx = _mlx()
+    import mlx.nn as nn
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    model.layers[1].freeze()
+    opt = lmlx.Lion(LR)
+    opt.init(model.trainable_parameters())
+    with pytest.raises(ValueError, match=r"'layers.1.weight'.*trainable_parameters\(\)"):
+        interop.from_mlx(opt, model.parameters())
+    assert len(interop.from_mlx(opt, model.trainable_parameters())) == 4
+
+
+# --------------------------------------------------------------------------- counters
+def test_to_jax_sets_multisteps_and_inject_hyperparams_counts():
+    jax, jnp, optax, ljax = _jax()
+    params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
+    states = [interop.MomentumState(7, s, momentum=np.zeros(s, np.float32)) for s in SHAPES.values()]
+    sched = optax.linear_schedule(1.0, 0.0, 100)
+    ms = interop.to_jax(states, optax.MultiSteps(ljax.lion(sched), 2).init(params))
+    assert int(ms.gradient_step) == 7 and int(ms.mini_step) == 0
+    tx = optax.inject_hyperparams(ljax.lion)(learning_rate=sched)
+    ih = interop.to_jax(states, tx.init(params))
+    assert int(ih.count) == 7
+    assert int(ih.hyperparams_states["learning_rate"].count) == 7
+    _, ih = tx.update({k: jnp.ones(s) for k, s in SHAPES.items()}, ih, params)
+    assert float(ih.hyperparams["learning_rate"]) == pytest.approx(float(sched(7)))

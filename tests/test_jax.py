@@ -326,3 +326,150 @@ def test_docs_examples_run(capsys):
     run_doc_examples("jax.md")  # the first example asserts that the loss went down
     out = capsys.readouterr().out
     assert "uint8 (1000, 64)" in out and "MomentumState(step=0" in out
+
+
+# --------------------------------------------------------------------------- hyperparameters as arrays
+STATIC = ("state_bits", "block_size", "min_8bit_size")
+
+
+def _run_jit(tx, params, loss, steps=STEPS):
+    return _run(tx, params, loss, steps=steps, jit=True)
+
+
+def test_inject_hyperparams_under_jit_matches_optax():
+    # optax.inject_hyperparams turns every numeric argument into an array, traced in update
+    params, loss = _problem(9)
+    lr = optax.cosine_decay_schedule(3e-2, STEPS)
+    p_ref, _ = _run_jit(optax.inject_hyperparams(optax.lion)(learning_rate=lr, weight_decay=0.1), params, loss)
+    tx = optax.inject_hyperparams(lion)(learning_rate=lr, weight_decay=0.1)
+    p_ours, s = _run_jit(tx, params, loss)
+    assert _same(p_ref, p_ours)
+    assert s.hyperparams["state_bits"] == 32 and float(s.hyperparams["weight_decay"]) == pytest.approx(0.1)
+    # and the hyperparameters can be changed between steps without recompiling
+    s.hyperparams["weight_decay"] = jnp.asarray(0.5)
+    _, s = tx.update(_grad(loss)(p_ours), s, p_ours)
+
+
+def test_inject_hyperparams_8bit_with_static_args():
+    params, loss = _problem(10)
+    kw = dict(weight_decay=0.1, state_bits=8, min_8bit_size=0, block_size=64)
+    p_ref, s_ref = _run_jit(lion(SCHEDULE, **kw), params, loss)
+    p_ours, s = _run_jit(optax.inject_hyperparams(lion, static_args=STATIC)(learning_rate=SCHEDULE, **kw), params, loss)
+    assert _same(p_ref, p_ours)
+    assert interop.from_jax(s)[0].block_size == 64
+
+
+def test_inject_hyperparams_traced_structural_argument_is_named():
+    params, loss = _problem(11)
+    tx = optax.inject_hyperparams(lion)(learning_rate=1e-2, state_bits=8, min_8bit_size=0)
+    s = tx.init(params)  # concrete arrays here: converted
+    assert isinstance(s.inner_state[1], ScaleByLion8bitState)
+    with pytest.raises(ValueError, match=r"block_size arrived as a traced value.*static_args"):
+        jax.jit(tx.update)(_grad(loss)(params), s, params)
+    with pytest.raises(ValueError, match=r"state_bits arrived as a traced value"):
+        jax.jit(lambda b: scale_by_lion(state_bits=b).init(params))(8)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(learning_rate=jnp.asarray(1e-2)),
+        dict(learning_rate=np.float32(1e-2)),
+        dict(learning_rate=np.float64(1e-2), weight_decay=np.float32(0.1)),
+        dict(learning_rate=1e-2, weight_decay=jnp.asarray(0.1), b1=np.float32(0.9), b2=jnp.asarray(0.99)),
+    ],
+    ids=["jax-lr", "np32-lr", "np-wd", "arrays"],
+)
+def test_array_and_numpy_hyperparameters_match_optax(kwargs):
+    params, loss = _problem(12)
+    p_ref, _ = _run(optax.lion(**{"weight_decay": 0.0, **kwargs}), params, loss, steps=10)
+    p_ours, _ = _run(lion(**kwargs), params, loss, steps=10)
+    assert _same(p_ref, p_ours)
+
+
+def test_integer_arguments_accept_numpy_and_concrete_arrays():
+    params = {"w": jnp.zeros((40, 80))}
+    for bs in (np.int64(128), jnp.asarray(128), np.array(128)):
+        s = lion(1e-3, state_bits=np.int32(8), block_size=bs, min_8bit_size=jnp.asarray(0)).init(params)
+        assert int(s[1].block_size) == 128 and s[1].absmax["w"].shape == (25,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=1e-3, b1=np.float32(1.5)), "b1"),
+        (dict(learning_rate=1e-3, b2=jnp.asarray(1.0)), "b2"),
+        (dict(learning_rate=jnp.asarray(-1.0)), "learning_rate"),
+        (dict(learning_rate=jnp.asarray([1e-3, 2e-3])), "learning_rate"),
+        (dict(learning_rate=1e-3, weight_decay=np.float32(-0.1)), "weight_decay"),
+        (dict(learning_rate=1e-3, block_size=np.int64(0)), "block_size"),
+        (dict(learning_rate=1e-3, block_size=256.0), "block_size"),
+        (dict(learning_rate=1e-3, state_bits=jnp.asarray(16)), "state_bits"),
+    ],
+)
+def test_bad_numpy_and_array_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        lion(**kwargs)
+
+
+# --------------------------------------------------------------------------- block size and width checks
+def _state8(block_size, shape=(64, 80)):
+    rng = np.random.default_rng(0)
+    tx = scale_by_lion(state_bits=8, block_size=block_size, min_8bit_size=0)
+    g = jnp.asarray(rng.standard_normal(shape) * np.linspace(0.01, 10, int(np.prod(shape))).reshape(shape), jnp.float32)
+    s = tx.init(jnp.zeros(shape))
+    return tx.update(g, s)[1], g
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_8bit_state_with_other_scale_count_is_refused(jit):
+    s, g = _state8(256)  # 20 scales for 5120 elements
+    update = scale_by_lion(state_bits=8, block_size=None, min_8bit_size=0).update
+    with pytest.raises(ValueError, match="block_size"):
+        (jax.jit(update) if jit else update)(g, s)
+
+
+def test_8bit_state_with_other_block_size_same_count_is_refused():
+    s, g = _state8(256)  # 5120 elements: 20 scales with blocks of 256 and of 260
+    with pytest.raises(ValueError, match="block_size=256.*block_size=260"):
+        scale_by_lion(state_bits=8, block_size=260, min_8bit_size=0).update(g, s)
+    # its own block size passes, under jit too
+    u, _ = jax.jit(scale_by_lion(state_bits=8, block_size=256, min_8bit_size=0).update)(g, s)
+    assert u.shape == g.shape
+
+
+def test_state_of_other_width_is_refused():
+    s, g = _state8(256)
+    with pytest.raises(ValueError, match="state_bits=32"):
+        scale_by_lion(state_bits=32).update(g, s)
+
+
+# --------------------------------------------------------------------------- subnormal momentum
+@pytest.mark.parametrize("block_size", [256, None, 4])
+def test_quantizer_codes_subnormal_values_like_numpy(block_size):
+    # XLA on CPU flushes subnormals in float arithmetic; the quantizer works on bit patterns
+    # where they occur, so its codes are numpy's (and PyTorch's and MLX's)
+    tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+    x = np.zeros(256, np.float32)
+    x[:3] = [50.0, 1e-37, -2e-37]  # quotients subnormal (x normal)
+    x[4:8] = [1e-40, -3e-41, 5e-44, -tiny]  # a block of subnormals: absmax subnormal
+    x[8:12] = [2e-38, 1e-39, -1e-44, 3e-39]  # normal absmax, subnormal values, quotients not tiny
+    x[12:16] = [3e38, tiny, -tiny, 1e-30]  # quotients below 2**-150: numpy rounds them to 0
+    x[16:19] = [7.0, -1.0, 0.0]
+    rng = np.random.default_rng(0)
+    x[20:] = (rng.standard_normal(236) * 10.0 ** rng.integers(-45, 2, 236)).astype(np.float32)
+    codes, absmax = interop.quantize(x, block_size)
+    for fn in (jquant.quantize, jax.jit(jquant.quantize, static_argnums=1)):
+        c, a = fn(jnp.asarray(x), block_size)
+        assert np.array_equal(np.asarray(a).view(np.uint32), absmax.view(np.uint32))
+        assert np.array_equal(np.asarray(c), codes)
+    if block_size == 4:  # the cases that used to fail: a nonzero momentum got the zero code
+        assert codes[1] == jquant.ZERO_CODE + 1 and codes[5] == 49
+
+
+def test_quantizer_non_finite_blocks_like_numpy():
+    x = np.array([1.0, np.inf, -2.0, 0.0, np.nan, 1.0, -1.0, 0.0, -np.inf, 3.0, np.inf, 1e-40], np.float32)
+    codes, absmax = interop.quantize(x, 4)
+    c, a = jax.jit(jquant.quantize, static_argnums=1)(jnp.asarray(x), 4)
+    assert np.array_equal(np.asarray(c), codes)
+    assert np.array_equal(np.asarray(a), absmax, equal_nan=True)

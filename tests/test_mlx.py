@@ -182,6 +182,60 @@ def test_8bit_state_with_wrong_block_size_is_refused():
         _train(model, other, steps=1)
 
 
+def test_8bit_state_with_other_block_size_same_scale_count_is_refused(tmp_path):
+    # 5000 elements: 3 scales with blocks of 2000 and of 1700; the state records its block size
+    rng = np.random.default_rng(0)
+    p = {"w": mx.array(rng.standard_normal((50, 100)).astype(np.float32))}
+    g = {"w": mx.array(rng.standard_normal((50, 100)).astype(np.float32))}
+    opt = Lion8bit(1e-3, block_size=2000)
+    opt.apply_gradients(g, p)
+    path = str(tmp_path / "s.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(opt.state)))
+    assert int(opt.state["w"]["block_size"]) == 2000
+    other = Lion8bit(1e-3, block_size=1700)
+    other.state = tree_unflatten(list(mx.load(path).items()))
+    with pytest.raises(ValueError, match="block_size=2000.*block_size=1700"):
+        other.apply_gradients(g, p)
+    same = Lion8bit(1e-3, block_size=2000)
+    same.state = tree_unflatten(list(mx.load(path).items()))
+    same.apply_gradients(g, p)  # its own block size loads
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(learning_rate=mx.array(1e-2)),
+        dict(learning_rate=np.float32(1e-2), weight_decay=mx.array(0.1)),
+        dict(learning_rate=1e-2, betas=np.array([0.9, 0.99], dtype=np.float32), weight_decay=np.float32(0.1)),
+        dict(learning_rate=1e-2, betas=[mx.array(0.95), np.float64(0.98)], weight_decay=np.float64(0.1)),
+    ],
+    ids=["mx-lr", "np-lr-mx-wd", "np-betas", "mixed-betas"],
+)
+def test_array_and_numpy_hyperparameters_match_mlx_lion(kwargs):
+    ref = _train(_model(), optim.Lion(**kwargs), steps=10)
+    ours = _train(_model(), Lion(**kwargs), steps=10)
+    assert _same(_params(ref), _params(ours))
+    _train(_model(), Lion8bit(**kwargs, block_size=np.int64(128), min_8bit_size=mx.array(0)), steps=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=mx.array(-1.0)), "learning_rate"),
+        (dict(learning_rate=mx.array([1e-3, 2e-3])), "learning_rate"),
+        (dict(learning_rate=1e-3, betas=np.array([1.5, 0.9], dtype=np.float32)), "beta at index 0"),
+        (dict(learning_rate=1e-3, betas=(0.9, np.float32(1.0))), "beta at index 1"),
+        (dict(learning_rate=1e-3, weight_decay=mx.array(-0.1)), "weight_decay"),
+        (dict(learning_rate=1e-3, weight_decay="0.1"), "weight_decay"),
+        (dict(learning_rate=1e-3, block_size=np.int64(0)), "block_size"),
+        (dict(learning_rate=1e-3, block_size=256.0), "block_size"),
+    ],
+)
+def test_bad_array_and_numpy_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Lion8bit(**kwargs)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

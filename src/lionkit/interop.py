@@ -9,9 +9,17 @@ front ends for the same momentum, so a state can move between them without loss:
     torch optimizer --from_torch--> [MomentumState, ...] --to_jax-->  optax state
                                      (numpy; save_npz)   --to_mlx-->  MLX optimizer state
 
-Parameters are matched by position: the order of ``optimizer.param_groups`` in PyTorch, of
-``jax.tree.leaves(params)`` in JAX, of ``mlx.utils.tree_flatten(params)`` in MLX. Shapes are
-checked at every step, so a wrong order fails loudly instead of loading the wrong momenta.
+Every exported state carries the parameter's name where the framework has one: its tree path
+in JAX (``"layers.0.weight"``: dict keys, sequence indices and attribute names joined with
+dots), its ``tree_flatten`` key in MLX (the same spelling), and in PyTorch the names given to
+``from_torch(..., names=...)`` or kept by the optimizer (``param_groups[i]["param_names"]``).
+When both the states and the target name every parameter, loading matches them by name and
+refuses (ValueError listing the names) when the two sets differ; otherwise, or with
+``by_name=False``, parameters are matched by position: the order of ``optimizer.param_groups``
+in PyTorch, of ``jax.tree.leaves(params)`` in JAX (sorted dict keys), of
+``mlx.utils.tree_flatten(params)`` in MLX (insertion order). Positional matching checks the
+count and every shape, so it catches most wrong orders, but not two parameters of the same
+shape in different orders: keep the names (or the same order) when shapes repeat.
 
 This module imports no framework at import time (numpy only), so the JAX and MLX front ends
 and a torch-free Python can use the map and the converters; each ``*_torch``, ``*_jax`` and
@@ -101,6 +109,40 @@ def num_blocks(numel: int, block_size: Optional[int]) -> int:
     return max(1, -(-numel // block_size))
 
 
+def real_number(name: str, value: Any) -> float:
+    """A concrete real hyperparameter as a Python float: Python and numpy numbers and 0-d arrays
+    of any framework (numpy, JAX, MLX); TypeError naming ``name`` for anything else."""
+    a = _scalar_array(name, value, "a real number")
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"Invalid {name}: {value!r} (must be a real number)")
+    return float(a)
+
+
+def integer(name: str, value: Any) -> int:
+    """A concrete integer argument as a Python int: Python and numpy integers and 0-d integer
+    arrays of any framework; TypeError naming ``name`` for anything else (floats included)."""
+    a = _scalar_array(name, value, "an int")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"Invalid {name}: {value!r} (must be an int)")
+    return int(a)
+
+
+def _scalar_array(name: str, value: Any, what: str) -> np.ndarray:
+    # bools are numbers to numpy, never a meaningful hyperparameter
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"Invalid {name}: {value!r} (must be {what})")
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError):  # e.g. an MLX bfloat16 scalar has no numpy buffer format
+        item = getattr(value, "item", None)
+        if item is None or getattr(value, "ndim", None) != 0:
+            raise TypeError(f"Invalid {name}: {value!r} (must be {what})") from None
+        a = np.asarray(item())
+    if a.shape != ():
+        raise TypeError(f"Invalid {name}: {value!r} (must be a single number, got shape {a.shape})")
+    return a
+
+
 def _expand(absmax: np.ndarray, numel: int, block_size: Optional[int]) -> np.ndarray:
     if block_size is None:
         return np.broadcast_to(absmax.reshape(1), (numel,))
@@ -159,7 +201,8 @@ class MomentumState:
     Either ``momentum`` (float32, shaped like the parameter) for 32-bit state, or ``codes``
     (uint8, shaped like the parameter) with ``absmax`` (float32, one per block of
     ``block_size`` elements, or one per tensor when ``block_size`` is None) for 8-bit state.
-    ``step`` counts the updates this momentum has seen.
+    ``step`` counts the updates this momentum has seen; ``name`` is the parameter's name
+    (``"layers.0.weight"``) where the exporting framework knows it, else None.
     """
 
     step: int
@@ -169,9 +212,12 @@ class MomentumState:
     absmax: Optional[np.ndarray] = None
     block_size: Optional[int] = BLOCK_SIZE
     qmap: np.ndarray = field(default_factory=dynamic_map)
+    name: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
+        if self.name is not None:
+            self.name = str(self.name)
         if (self.momentum is None) == (self.codes is None):
             raise ValueError("MomentumState needs exactly one of 'momentum' (32-bit) or 'codes' (8-bit)")
         if self.momentum is not None:
@@ -208,7 +254,8 @@ class MomentumState:
 
     def __repr__(self) -> str:
         kind = f"8-bit, block_size={self.block_size}" if self.is_8bit else "fp32"
-        return f"MomentumState(step={self.step}, shape={self.shape}, {kind})"
+        named = "" if self.name is None else f", name={self.name!r}"
+        return f"MomentumState(step={self.step}, shape={self.shape}, {kind}{named})"
 
 
 def _check_shape(name: str, got: tuple, want: tuple) -> None:
@@ -238,12 +285,46 @@ def _check_count(states: Sequence[MomentumState], n: int, where: str) -> None:
         raise ValueError(f"got {len(states)} momentum states, but the {where} has {n} parameters")
 
 
+def match_states(
+    states: Sequence[MomentumState], names: Sequence[Optional[str]], where: str, by_name: Optional[bool] = None
+) -> list[MomentumState]:
+    """``states`` in the order of a target whose parameters are called ``names`` (None where
+    unknown): by name when both sides name every parameter (``by_name=None``) or always
+    (``by_name=True``, ValueError when a name is missing), by position with ``by_name=False``
+    or when names are missing. The count is checked; shapes are checked by the caller."""
+    _check_count(states, len(names), where)
+    named = all(st.name is not None for st in states) and all(n is not None for n in names)
+    if by_name is False or (by_name is None and not named):
+        return list(states)
+    if not named:
+        raise ValueError(
+            f"by_name=True, but {'the states' if any(st.name is None for st in states) else 'the ' + where} "
+            "do not name every parameter"
+        )
+    saved = {}
+    for st in states:
+        if st.name in saved:
+            raise ValueError(f"two momentum states are both named {st.name!r}")
+        saved[st.name] = st
+    missing = [n for n in names if n not in saved]
+    if missing:
+        unexpected = sorted(set(saved) - set(names))
+        raise ValueError(
+            f"the {where} has parameters the states do not name: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            f"the states have {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} instead. Rename them, "
+            "or pass by_name=False to match by position"
+        )
+    return [saved[n] for n in names]
+
+
 def save_npz(path, states: Sequence[MomentumState]) -> None:
     """Write states to one ``.npz`` file readable without any framework (see ``load_npz``)."""
     arrays: dict[str, np.ndarray] = {"count": np.array(len(states))}
     for i, st in enumerate(states):
         arrays[f"{i}.step"] = np.array(st.step, dtype=np.int64)
         arrays[f"{i}.shape"] = np.array(st.shape, dtype=np.int64)
+        if st.name is not None:
+            arrays[f"{i}.name"] = np.array(st.name)
         if st.is_8bit:
             arrays[f"{i}.codes"] = st.codes
             arrays[f"{i}.absmax"] = st.absmax
@@ -260,6 +341,8 @@ def load_npz(path) -> list[MomentumState]:
         out = []
         for i in range(int(f["count"])):
             common = dict(step=int(f[f"{i}.step"]), shape=tuple(int(s) for s in f[f"{i}.shape"]))
+            if f"{i}.name" in f:
+                common["name"] = str(f[f"{i}.name"])
             if f"{i}.codes" in f:
                 bs = int(f[f"{i}.block_size"])
                 out.append(
@@ -277,12 +360,16 @@ def load_npz(path) -> list[MomentumState]:
 
 
 # --------------------------------------------------------------------------- PyTorch
-def from_torch(optimizer_or_state_dict: Any) -> list[MomentumState]:
+def from_torch(optimizer_or_state_dict: Any, names: Optional[Sequence[str]] = None) -> list[MomentumState]:
     """States of a lionkit (or bitsandbytes) Lion optimizer, in ``param_groups`` order.
 
     Accepts the optimizer or its ``state_dict()`` (plain or bitsandbytes' nested layout).
-    A parameter that has no state yet (never stepped) raises ValueError: it has no shape in
-    a state dict; step the optimizer once or leave such parameters out."""
+    ``names`` (one per parameter, in ``param_groups`` order, e.g. ``[n for n, _ in
+    model.named_parameters()]``) names the states, so that ``to_jax``/``to_mlx`` match them by
+    name; without it the names a torch optimizer keeps (``param_groups[i]["param_names"]``)
+    are used when present. A parameter that has no state yet (never stepped) raises
+    ValueError: it has no shape in a state dict; step the optimizer once or leave such
+    parameters out."""
     import torch  # noqa: F401  (a state dict holds torch tensors)
 
     from . import checkpoint, quant4
@@ -292,9 +379,11 @@ def from_torch(optimizer_or_state_dict: Any) -> list[MomentumState]:
         sd = sd.state_dict()
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("from_torch expects a lionkit optimizer or its state_dict()")
+    names = _torch_names(sd, names)
     out = []
     for gi, group in enumerate(sd["param_groups"]):
         for key in group["params"]:
+            name = names[len(out)]
             if key not in sd["state"]:
                 raise ValueError(f"parameter id {key!r} of param group {gi} has no state (never stepped)")
             st = checkpoint.flatten_param_state(sd["state"][key])
@@ -304,7 +393,7 @@ def from_torch(optimizer_or_state_dict: Any) -> list[MomentumState]:
             step = int(st.get("step", 0))
             shape = tuple(s1.shape)
             if s1.dtype.is_floating_point:
-                out.append(MomentumState(step, shape, momentum=_np_copy(s1.float())))
+                out.append(MomentumState(step, shape, momentum=_np_copy(s1.float()), name=name))
                 continue
             qmap = st.get("qmap1")
             if quant4.is_map4(qmap):
@@ -321,9 +410,23 @@ def from_torch(optimizer_or_state_dict: Any) -> list[MomentumState]:
                     absmax=absmax,
                     block_size=infer_block_size(s1.numel(), absmax.size),
                     qmap=_dynamic_map() if qmap is None else _np_copy(qmap),
+                    name=name,
                 )
             )
     return out
+
+
+def _torch_names(sd: dict, names: Optional[Sequence[str]]) -> list[Optional[str]]:
+    """One name (or None) per parameter of a torch state dict, in ``param_groups`` order."""
+    n = sum(len(g["params"]) for g in sd["param_groups"])
+    if names is not None:
+        names = [str(x) for x in names]
+        if len(names) != n:
+            raise ValueError(f"got {len(names)} names for the {n} parameters of the PyTorch optimizer")
+        return names
+    # torch >= 2.6 keeps the names of an optimizer built from model.named_parameters()
+    kept = [x for g in sd["param_groups"] for x in g.get("param_names", [None] * len(g["params"]))]
+    return kept if len(kept) == n and all(x is not None for x in kept) else [None] * n
 
 
 def _np_copy(t: Any) -> np.ndarray:
@@ -331,15 +434,19 @@ def _np_copy(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy().copy()
 
 
-def to_torch(states: Sequence[MomentumState], optimizer: Any) -> None:
-    """Load ``states`` into a lionkit PyTorch optimizer (matched by ``param_groups`` order,
-    shapes checked). Goes through ``optimizer.load_state_dict``, so hyperparameters stay and
+def to_torch(
+    states: Sequence[MomentumState], optimizer: Any, names: Optional[Sequence[str]] = None, by_name: Optional[bool] = None
+) -> None:
+    """Load ``states`` into a lionkit PyTorch optimizer, shapes checked. Matched by name when
+    the states are named and ``names`` (or the optimizer's ``param_names``) name the
+    parameters, else by ``param_groups`` order (see the module docstring; ``by_name`` forces
+    one or the other). Goes through ``optimizer.load_state_dict``, so hyperparameters stay and
     the optimizer converts a state whose width differs from its own configuration."""
     import torch
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    _check_count(states, len(params), "PyTorch optimizer")
     sd = optimizer.state_dict()
+    states = match_states(states, _torch_names(sd, names), "PyTorch optimizer", by_name)
     keys = [k for g in sd["param_groups"] for k in g["params"]]
     new_state = {}
     for i, (key, p, st) in enumerate(zip(keys, params, states)):
@@ -366,52 +473,67 @@ def to_torch(states: Sequence[MomentumState], optimizer: Any) -> None:
 def from_jax(opt_state: Any) -> list[MomentumState]:
     """States held by the (single) ``lionkit.jax.scale_by_lion`` state inside ``opt_state``
     (the state of ``lionkit.jax.lion(...)`` or of any chain containing ``scale_by_lion``),
-    in ``jax.tree.leaves`` order of the parameters."""
+    in ``jax.tree.leaves`` order of the parameters, each named by its tree path."""
     from .jax import transform
 
     st = transform.find_lion_state(opt_state)
     step = int(st.count)
+    names = transform.leaf_names(st.mu)
     out = []
     if isinstance(st, transform.ScaleByLionState):
-        for mu in transform.leaves(st.mu):
-            out.append(MomentumState(step, mu.shape, momentum=np.asarray(mu, dtype=np.float32)))
+        for name, mu in zip(names, transform.leaves(st.mu)):
+            out.append(MomentumState(step, mu.shape, momentum=np.asarray(mu, dtype=np.float32), name=name))
         return out
     bs = transform.block_size_of(st)
-    for mu, codes, absmax in zip(transform.leaves(st.mu), transform.leaves(st.codes), transform.leaves(st.absmax)):
+    for name, mu, codes, absmax in zip(
+        names, transform.leaves(st.mu), transform.leaves(st.codes), transform.leaves(st.absmax)
+    ):
         if absmax.size == 0:  # kept unquantized (smaller than min_8bit_size)
-            out.append(MomentumState(step, mu.shape, momentum=np.asarray(mu, dtype=np.float32)))
+            out.append(MomentumState(step, mu.shape, momentum=np.asarray(mu, dtype=np.float32), name=name))
         else:
             out.append(
-                MomentumState(step, codes.shape, codes=np.asarray(codes), absmax=np.asarray(absmax), block_size=bs)
+                MomentumState(
+                    step, codes.shape, codes=np.asarray(codes), absmax=np.asarray(absmax), block_size=bs, name=name
+                )
             )
     return out
 
 
-def to_jax(states: Sequence[MomentumState], opt_state: Any) -> Any:
+def to_jax(states: Sequence[MomentumState], opt_state: Any, by_name: Optional[bool] = None) -> Any:
     """A copy of ``opt_state`` (e.g. ``tx.init(params)`` of a ``lionkit.jax`` transform) with
-    its Lion momentum replaced by ``states`` (matched in ``jax.tree.leaves`` order, shapes and
-    8-bit layout checked) and its step counters set to the states' step, so schedules go on
-    where the saved run stopped."""
+    its Lion momentum replaced by ``states`` (matched by tree path when the states are named,
+    else in ``jax.tree.leaves`` order; ``by_name`` forces one or the other; shapes and 8-bit
+    layout checked) and its step counters set to the states' step, so schedules go on where
+    the saved run stopped. The counters set are exactly: the Lion state's ``count``, the
+    ``count`` of every ``optax.ScaleByScheduleState`` (a scheduled learning rate) and of
+    lionkit's weight-decay schedule state, ``gradient_step`` of ``optax.MultiSteps`` (with
+    ``mini_step`` left as initialised: accumulation restarts), and the ``count`` of
+    ``optax.inject_hyperparams``' state and of its wrapped schedules. Any other counter in the
+    state (another transform's, a custom schedule's) keeps its value in ``opt_state``."""
     _check_standard_map(states, "JAX")
     from .jax import transform
 
+    lion_state = transform.find_lion_state(opt_state)
+    states = match_states(states, transform.leaf_names(lion_state.mu), "JAX optimizer state", by_name)
     return transform.replace_lion_state(opt_state, states, _global_step(states))
 
 
 # --------------------------------------------------------------------------- MLX
 def from_mlx(optimizer: Any, parameters: Any) -> list[MomentumState]:
     """States of a ``lionkit.mlx`` Lion/Lion8bit (or ``mlx.optimizers.Lion``) optimizer for
-    ``parameters`` (e.g. ``model.trainable_parameters()``), in ``tree_flatten`` order."""
+    ``parameters`` (``model.trainable_parameters()``: frozen parameters have no optimizer
+    state), in ``tree_flatten`` order, each named by its ``tree_flatten`` key."""
     from .mlx import optimizers
 
     return optimizers.export_states(optimizer, parameters)
 
 
-def to_mlx(states: Sequence[MomentumState], optimizer: Any, parameters: Any) -> None:
+def to_mlx(states: Sequence[MomentumState], optimizer: Any, parameters: Any, by_name: Optional[bool] = None) -> None:
     """Load ``states`` into a ``lionkit.mlx`` optimizer for ``parameters`` (e.g.
-    ``model.trainable_parameters()``; matched in ``tree_flatten`` order, shapes checked).
+    ``model.trainable_parameters()``), matched by ``tree_flatten`` key when the states are
+    named, else in ``tree_flatten`` order (``by_name`` forces one or the other); shapes checked.
     Sets the optimizer's step, so schedules go on where the saved run stopped."""
     _check_standard_map(states, "MLX")
     from .mlx import optimizers
 
-    optimizers.import_states(optimizer, parameters, states, _global_step(states))
+    optimizers.import_states(optimizer, parameters, states, _global_step(states), by_name)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import interop
-from .transform import _check_beta, _increment, _math_dtype, check_quant_args, scale_by_lion
+from .transform import _check_beta, _increment, _math_dtype, check_quant_args, check_real, scale_by_lion
 
 ScalarOrSchedule = Union[float, Callable[[Any], Any]]
 
@@ -62,14 +62,20 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0, mask: Any = None) 
 
 
 def _check_scalar(name: str, value: Any, *, positive: bool, allow_schedule: bool) -> None:
+    """Any real number (Python, numpy, a 0-d JAX array; traced values pass unchecked), or a
+    schedule where allowed."""
     if allow_schedule and callable(value):
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"Invalid {name}: {value!r} (must be a float{' or a schedule' if allow_schedule else ''})")
-    if positive and not value > 0:
-        raise ValueError(f"Invalid {name}: {value} (must be > 0)")
-    if not positive and not value >= 0:
-        raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+    try:
+        check_real(name, value, low_open=positive)
+    except TypeError:
+        raise TypeError(f"Invalid {name}: {value!r} (must be a number{' or a schedule' if allow_schedule else ''})") from None
+
+
+def _is_constant_zero(value: Any) -> bool:
+    # only a Python/numpy zero: a JAX array may be traced (optax.inject_hyperparams passes
+    # arrays to init and tracers to update), and the chain must have the same stages in both
+    return not callable(value) and not isinstance(value, jax.Array) and float(value) == 0.0
 
 
 def lion(
@@ -108,11 +114,19 @@ def lion(
     so that ``lr * weight_decay`` stays similar. ``state_bits=8`` cuts optimizer memory from
     4 to 1.016 bytes per parameter (see ``scale_by_lion``) at a small cost in accuracy.
 
+    Numbers may be Python or numpy numbers or 0-d JAX arrays. The real hyperparameters
+    (``learning_rate``, ``b1``, ``b2``, ``weight_decay``, the clipping thresholds) may also be
+    traced, so ``optax.inject_hyperparams(lion)`` works under ``jax.jit``; ``state_bits``,
+    ``block_size`` and ``min_8bit_size`` fix the state's layout and must then be listed in its
+    ``static_args`` (a ValueError names the one that arrived traced when it is needed; the
+    32-bit ``update`` needs none of them).
+
     Args:
-      learning_rate: a float >= 0 or an optax schedule ``count -> lr``.
+      learning_rate: a number >= 0 or an optax schedule ``count -> lr``.
       b1: interpolation rate for the update direction (0.9).
       b2: momentum decay rate (0.99).
-      weight_decay: decoupled weight decay, a float >= 0 or a schedule (0.0).
+      weight_decay: decoupled weight decay, a number >= 0 or a schedule (0.0); a Python or
+        numpy zero leaves the decay stage out of the chain.
       mask: tree of bools (or callable params -> tree) selecting the leaves that decay.
       state_bits: 32 or 8 (see ``scale_by_lion``).
       grad_clip_norm: clip the global gradient norm to this value (> 0), or None.
@@ -140,7 +154,7 @@ def lion(
     _check_scalar("weight_decay", weight_decay, positive=False, allow_schedule=True)
     _check_beta("b1", b1)
     _check_beta("b2", b2)
-    check_quant_args(state_bits, block_size, min_8bit_size)
+    check_quant_args(state_bits, block_size, min_8bit_size)  # early errors; scale_by_lion converts
     if grad_clip_norm is not None:
         _check_scalar("grad_clip_norm", grad_clip_norm, positive=True, allow_schedule=False)
     if grad_clip_value is not None:
@@ -155,7 +169,7 @@ def lion(
         scale_by_lion(b1, b2, state_bits, block_size, mu_dtype, min_8bit_size=min_8bit_size)
     )
     # a constant zero decay is skipped (as braintools does); u + 0*p would equal u anyway
-    if callable(weight_decay) or weight_decay != 0:
+    if not _is_constant_zero(weight_decay):
         parts.append(add_decayed_weights(weight_decay, mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)

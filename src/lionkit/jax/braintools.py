@@ -77,7 +77,7 @@ class Lion(OptaxOptimizer):
             raise ValueError(f"Invalid betas: {betas!r} (must be two values)")
         _check_beta("betas[0]", betas[0])
         _check_beta("betas[1]", betas[1])
-        check_quant_args(state_bits, block_size, min_8bit_size)
+        state_bits, block_size, min_8bit_size = check_quant_args(state_bits, block_size, min_8bit_size)
         # read by default_tx(), which the base constructor calls
         self.betas = betas
         self.state_bits = state_bits

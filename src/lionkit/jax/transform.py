@@ -48,21 +48,70 @@ def _math_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def is_traced(x: Any) -> bool:
+    """True for a value being traced by ``jax.jit`` and friends (its number is unknown)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_real(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None, low_open: bool = False) -> None:
+    """Range check of a real hyperparameter given as any number (Python, numpy, a 0-d JAX
+    array); a traced value (``optax.inject_hyperparams`` under ``jit``) is not checked."""
+    if is_traced(value):
+        return
+    v = interop.real_number(name, value)
+    if (v <= low if low_open else not v >= low) or (high is not None and not v < high):
+        rng = f"[{low}, {high})" if high is not None else f"{'>' if low_open else '>='} {low}"
+        raise ValueError(f"Invalid {name}: {value!r} (must be {'in ' if high is not None else ''}{rng})")
+
+
 def _check_beta(name: str, b: Any) -> None:
-    if isinstance(b, (int, float)) and not isinstance(b, bool) and not 0.0 <= b < 1.0:
-        raise ValueError(f"Invalid {name}: {b} (must be in [0, 1))")
+    check_real(name, b, high=1.0)
 
 
-def check_quant_args(state_bits: Any, block_size: Any, min_8bit_size: Any) -> None:
-    """ValueError naming the bad argument."""
-    if state_bits not in (8, 32) or isinstance(state_bits, bool):
-        raise ValueError(f"Invalid state_bits: {state_bits!r} (must be 8 or 32)")
-    if block_size is not None and (
-        not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1
-    ):
-        raise ValueError(f"Invalid block_size: {block_size!r} (must be a positive int, or None for one scale per tensor)")
-    if not isinstance(min_8bit_size, (int, np.integer)) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
-        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (must be an int >= 0)")
+class _Traced:
+    """A structural argument that arrived traced: an error naming it as soon as it is needed."""
+
+    def __init__(self, name: str, value: Any) -> None:
+        self.name, self.value = name, value
+
+    def need(self) -> None:
+        raise ValueError(
+            f"{self.name} arrived as a traced value ({self.value}): it fixes the layout of the optimizer state, "
+            "so it must be a concrete int. With optax.inject_hyperparams, pass "
+            "static_args=('state_bits', 'block_size', 'min_8bit_size')"
+        )
+
+
+def _static(x: Any) -> Any:
+    """``x``, or the error of a traced structural argument."""
+    if isinstance(x, _Traced):
+        x.need()
+    return x
+
+
+def check_quant_args(state_bits: Any, block_size: Any, min_8bit_size: Any) -> tuple[Any, Any, Any]:
+    """(state_bits, block_size, min_8bit_size) as Python ints (block_size may be None), from
+    Python/numpy ints or concrete integer arrays; ValueError naming a bad one. A traced one
+    (``optax.inject_hyperparams``) comes back as a marker that raises when it is needed:
+    ``state_bits`` only by ``init``, ``block_size`` by 8-bit ``init`` and ``update``,
+    ``min_8bit_size`` by 8-bit ``init``."""
+
+    def convert(name: str, value: Any, ok: Any, want: str) -> Any:
+        if is_traced(value):
+            return _Traced(name, value)
+        try:
+            v = interop.integer(name, value)
+        except TypeError:
+            raise ValueError(f"Invalid {name}: {value!r} (must be {want})") from None
+        if not ok(v):
+            raise ValueError(f"Invalid {name}: {value!r} (must be {want})")
+        return v
+
+    bits = convert("state_bits", state_bits, lambda v: v in (8, 32), "8 or 32")
+    if block_size is not None:
+        block_size = convert("block_size", block_size, lambda v: v >= 1, "a positive int, or None for one scale per tensor")
+    min_8bit_size = convert("min_8bit_size", min_8bit_size, lambda v: v >= 0, "an int >= 0")
+    return bits, block_size, min_8bit_size
 
 
 def scale_by_lion(
@@ -106,6 +155,11 @@ def scale_by_lion(
       min_8bit_size: leaves with fewer elements keep unquantized momentum at 8 bits (4096, as
         in bitsandbytes): their state is small and quantizing it saves nothing.
 
+    ``b1`` and ``b2`` may be any real number, traced ones included (``optax.inject_hyperparams``);
+    the three integer arguments may be numpy ints or concrete arrays, and must be concrete where
+    they are needed (see ``lion``). ``update`` refuses a state of the other width, or one made
+    with another block size (see ``check_block_size``).
+
     Returns:
       An ``optax.GradientTransformation`` whose state is ``ScaleByLionState`` (32-bit) or
       ``ScaleByLion8bitState`` (8-bit).
@@ -119,7 +173,7 @@ def scale_by_lion(
     """
     _check_beta("b1", b1)
     _check_beta("b2", b2)
-    check_quant_args(state_bits, block_size, min_8bit_size)
+    state_bits, block_size, min_8bit_size = check_quant_args(state_bits, block_size, min_8bit_size)
     if mu_dtype is not None:
         mu_dtype = jnp.dtype(mu_dtype)
 
@@ -136,57 +190,54 @@ def scale_by_lion(
         m_new = (1.0 - b2) * g + b2 * m
         return u, m_new
 
-    if state_bits == 32:
+    def init32(params: optax.Params) -> ScaleByLionState:
+        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mom_dtype(p)), params)
+        return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
 
-        def init_fn(params: optax.Params) -> ScaleByLionState:
-            mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mom_dtype(p)), params)
-            return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
+    def update32(updates, state):
+        def leaf(g, m):
+            u, m_new = direction_and_momentum(g, m)
+            return u, m_new.astype(m.dtype)
 
-        def update_fn(updates, state, params=None):
-            del params
+        pairs = jax.tree.map(leaf, updates, state.mu)
+        u, mu = _unzip(updates, pairs)
+        return u, ScaleByLionState(count=_increment(state.count), mu=mu)
 
-            def leaf(g, m):
-                u, m_new = direction_and_momentum(g, m)
-                return u, m_new.astype(m.dtype)
+    def init8(params: optax.Params) -> ScaleByLion8bitState:
+        bs, min_size = _static(block_size), _static(min_8bit_size)
 
-            pairs = jax.tree.map(leaf, updates, state.mu)
-            u, mu = _unzip(updates, pairs)
-            return u, ScaleByLionState(count=_increment(state.count), mu=mu)
+        def quantized(p: Any) -> bool:
+            return p.size >= min_size
 
-        return optax.GradientTransformation(init_fn, update_fn)
-
-    def quantized(p: Any) -> bool:
-        return p.size >= min_8bit_size
-
-    def init_fn8(params: optax.Params) -> ScaleByLion8bitState:
         def mu_leaf(p):
             return jnp.zeros((0,), mom_dtype(p)) if quantized(p) else jnp.zeros(p.shape, mom_dtype(p))
 
         def codes_leaf(p):
-            return quant.zeros(p.shape, block_size)[0] if quantized(p) else jnp.zeros((0,), jnp.uint8)
+            return quant.zeros(p.shape, bs)[0] if quantized(p) else jnp.zeros((0,), jnp.uint8)
 
         def absmax_leaf(p):
-            return quant.zeros(p.shape, block_size)[1] if quantized(p) else jnp.zeros((0,), jnp.float32)
+            return quant.zeros(p.shape, bs)[1] if quantized(p) else jnp.zeros((0,), jnp.float32)
 
         return ScaleByLion8bitState(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree.map(mu_leaf, params),
             codes=jax.tree.map(codes_leaf, params),
             absmax=jax.tree.map(absmax_leaf, params),
-            block_size=jnp.asarray(-1 if block_size is None else block_size, jnp.int32),
+            block_size=jnp.asarray(-1 if bs is None else bs, jnp.int32),
         )
 
-    def update_fn8(updates, state, params=None):
-        del params
+    def update8(updates, state):
+        bs = _static(block_size)
+        check_block_size(state, bs)
 
         def leaf(g, m, codes, absmax):
             if absmax.size == 0:  # kept unquantized (decided by shape: static under jit)
                 u, m_new = direction_and_momentum(g, m)
                 return u, m_new.astype(m.dtype), codes, absmax
-            m_old = quant.dequantize(codes, absmax, block_size)
+            m_old = quant.dequantize(codes, absmax, bs)
             u, m_new = direction_and_momentum(g.astype(jnp.float32), m_old)
             # absmax comes from the *updated* momentum, so every value fits its block's scale
-            new_codes, new_absmax = quant.quantize(m_new, block_size)
+            new_codes, new_absmax = quant.quantize(m_new, bs)
             return u, m, new_codes, new_absmax
 
         quads = jax.tree.map(leaf, updates, state.mu, state.codes, state.absmax)
@@ -196,7 +247,44 @@ def scale_by_lion(
         )
         return u, new_state
 
-    return optax.GradientTransformation(init_fn8, update_fn8)
+    def init_fn(params: optax.Params) -> Any:
+        return init32(params) if _static(state_bits) == 32 else init8(params)
+
+    def update_fn(updates, state, params=None):
+        del params
+        # the state's type says which layout it has; state_bits (traced under
+        # optax.inject_hyperparams) only has to agree with it when it is known
+        bits = 8 if isinstance(state, ScaleByLion8bitState) else 32 if isinstance(state, ScaleByLionState) else None
+        if bits is None:
+            raise TypeError(f"scale_by_lion got a {type(state).__name__}, not a ScaleByLionState/ScaleByLion8bitState")
+        if not isinstance(state_bits, _Traced) and state_bits != bits:
+            raise ValueError(
+                f"a scale_by_lion(state_bits={state_bits}) transform got a {bits}-bit state ({type(state).__name__})"
+            )
+        return update8(updates, state) if bits == 8 else update32(updates, state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def check_block_size(state: ScaleByLion8bitState, block_size: Optional[int]) -> None:
+    """ValueError unless ``state`` was made for ``block_size``: every leaf's number of scales
+    (static, so checked under ``jit`` too) and the recorded block size (when it is concrete,
+    i.e. outside ``jit``; two block sizes giving the same number of scales for every leaf
+    pass under ``jit``)."""
+    want = -1 if block_size is None else block_size
+    if not is_traced(state.block_size) and int(np.asarray(state.block_size)) != want:
+        rec = int(np.asarray(state.block_size))
+        raise ValueError(
+            f"the 8-bit state was made with block_size={None if rec < 0 else rec}, this transform has "
+            f"block_size={block_size}: convert it with lionkit.interop.to_jax(interop.from_jax(state), tx.init(params))"
+        )
+    for name, codes, absmax in zip(leaf_names(state.codes), leaves(state.codes), leaves(state.absmax)):
+        if absmax.size and absmax.size != interop.num_blocks(codes.size, block_size):
+            raise ValueError(
+                f"8-bit state of {name or 'the parameter'!r} has {absmax.size} scales for {codes.size} elements, "
+                f"but block_size={block_size} needs {interop.num_blocks(codes.size, block_size)}: "
+                "was it made with another block_size?"
+            )
 
 
 def _unzip(like: Any, tree_of_tuples: Any, n: int = 2) -> tuple[Any, ...]:
@@ -209,10 +297,22 @@ def _unzip(like: Any, tree_of_tuples: Any, n: int = 2) -> tuple[Any, ...]:
 # --------------------------------------------------------------------------- state helpers
 LionState = (ScaleByLionState, ScaleByLion8bitState)
 
-
 def leaves(tree: Any) -> list:
     """Leaves of a state tree, in the order of ``jax.tree.leaves(params)``."""
     return jax.tree.leaves(tree)
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_names(tree: Any) -> list[str]:
+    """Tree path of every leaf, in ``leaves`` order, spelled like MLX's ``tree_flatten`` keys
+    and PyTorch's parameter names: ``{"layers": [{"weight": w}]}`` -> ``"layers.0.weight"``."""
+    return [".".join(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _walk(x: Any, fn: Any) -> Any:
@@ -271,8 +371,8 @@ def _leaf_from(ms: interop.MomentumState, i: int, mu: Any, codes: Any, absmax: A
 
 
 def replace_lion_state(opt_state: Any, states: Sequence[interop.MomentumState], step: int) -> Any:
-    """``opt_state`` with the Lion momentum replaced by ``states`` and the counts of the Lion
-    state, of ``optax.scale_by_schedule`` and of lionkit's weight-decay schedule set to ``step``."""
+    """``opt_state`` with the Lion momentum replaced by ``states`` (in leaf order) and the step
+    counters ``interop.to_jax`` lists set to ``step``."""
     from .alias import WeightDecayScheduleState
 
     lion_state = find_lion_state(opt_state)
@@ -304,6 +404,19 @@ def replace_lion_state(opt_state: Any, states: Sequence[interop.MomentumState], 
             return rebuild(x)
         if isinstance(x, (optax.ScaleByScheduleState, WeightDecayScheduleState)):
             return type(x)(count=count)
-        return NotImplemented
+        if isinstance(x, optax.MultiStepsState):
+            # gradient_step counts the inner (Lion) updates; a partial accumulation is not saved
+            x = x._replace(gradient_step=count)
+        elif isinstance(x, (optax.InjectStatefulHyperparamsState, optax.InjectHyperparamsState)):
+            # a plain schedule's state in hyperparams_states is a NamedTuple holding only its
+            # count (optax does not export its class): recognised by that shape
+            hyper = {
+                k: type(v)(count=count) if isinstance(v, tuple) and getattr(v, "_fields", None) == ("count",) else v
+                for k, v in x.hyperparams_states.items()
+            }
+            x = x._replace(count=count, hyperparams_states=hyper)
+        else:
+            return NotImplemented
+        return type(x)(*(_walk(c, visit) for c in x))
 
     return _walk(opt_state, visit)

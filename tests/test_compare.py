@@ -209,6 +209,13 @@ def test_quick_run_writes_json_png_and_markdown(tmp_path, capsys):
     assert cli.main(["compare", "--from-json", str(tmp_path / "compare.json"), "--out", str(again)]) == 0
     assert (again / "compare.md").read_text() == md
     assert (again / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "runs read from " in capsys.readouterr().out  # not "runs in N s": nothing trained now
+    # a missing or foreign file is a usage error
+    assert cli.main(["compare", "--from-json", str(tmp_path / "nope.json")]) == 2
+    assert "--from-json" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text("[1, 2]")
+    assert cli.main(["compare", "--from-json", str(tmp_path / "other.json")]) == 2
+    assert "not a compare.json" in capsys.readouterr().err
 
 
 def test_quick_cli_runs_both_tasks(tmp_path, capsys, lm_task):

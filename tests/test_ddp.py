@@ -10,6 +10,7 @@ loaded by every rank continues exactly.
 from __future__ import annotations
 
 import json
+import warnings
 import os
 
 import pytest
@@ -117,3 +118,20 @@ def test_ddp_steps_equal_single_process_average(ddp_run, name):
 def test_ddp_checkpoint_from_rank0_resumes_exactly(ddp_run, name):
     for rank, res in enumerate(ddp_run):
         assert res[name]["resume_max_abs"] == 0.0, f"rank {rank}: {res[name]}"
+
+
+def test_stochastic_rounding_without_a_seed_warns_under_torch_distributed(monkeypatch):
+    # each rank would draw its own seed: DDP replicas must be told to pass one
+    from lionkit import distributed
+
+    p = torch.nn.Parameter(torch.zeros(10, dtype=torch.bfloat16))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.warns(UserWarning, match="Pass the same sr_seed on every rank"):
+        lionkit.Lion([p], stochastic_rounding=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lionkit.Lion([p], stochastic_rounding=True, sr_seed=3)
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lionkit.Lion([p], stochastic_rounding=True)

@@ -218,6 +218,7 @@ def test_block_wise_false_is_refused():
         (lambda st: st.__setitem__("absmax1", -st["absmax1"]), "negative"),
         (lambda st: st.__setitem__("qmap1", st["qmap1"].flip(0)), "qmap1"),
         (lambda st: st.pop("absmax1"), "4-bit momentum"),
+        (lambda st: st["state1"].__setitem__(3, 0xF7), "code 15 in 1 place"),  # one flipped nibble
     ],
 )
 def test_damaged_4bit_checkpoint_is_refused_by_name(damage, msg):

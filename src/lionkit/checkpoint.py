@@ -125,6 +125,13 @@ def parse_param_state(st: Any, p: torch.Tensor, where: str) -> dict[str, Any]:
             qmap = quant.dynamic_map()
         if four:
             quant4.validate_map4(qmap, f"{where}: 'qmap1'")
+            # 15 levels: codes 0..14 (code 15 is never written; a kernel would read past the map)
+            bad = int(((s1 & 15) == 15).sum()) + int(((s1 >> 4) == 15).sum())
+            if bad:
+                raise ValueError(
+                    f"{where}: 4-bit 'state1' holds code 15 in {bad} place(s); the map has 15 levels (codes 0..14): "
+                    "the checkpoint is damaged"
+                )
         else:
             quant.validate_qmap(qmap, f"{where}: 'qmap1'")
         out["state1"] = s1.to(dev, copy=True, memory_format=contiguous)

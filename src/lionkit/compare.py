@@ -494,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     parser.add_argument("--from-json", metavar="PATH", default=None,
-                        help="train nothing: rewrite the PNG and Markdown (into --out) from an earlier compare.json")
+                        help="train nothing: rewrite the PNG and Markdown (into --out; with a copy of the JSON when --out is "
+                        "another folder) from an earlier compare.json")
     return parser
 
 
@@ -588,8 +589,11 @@ def run(
     return payload
 
 
-def write_outputs(payload: dict[str, Any], out: str, stream: Any, write_json: bool = True) -> None:
-    """Write compare.{json,png,md} into ``out`` and print the tables and goals."""
+def write_outputs(
+    payload: dict[str, Any], out: str, stream: Any, write_json: bool = True, source: Optional[str] = None
+) -> None:
+    """Write compare.{json,png,md} into ``out`` and print the tables and goals (``source``: the
+    compare.json the runs were read from, when nothing was trained now)."""
     summary = payload["summary"]
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f"compare.{k}") for k in ("json", "png", "md")}
@@ -607,8 +611,9 @@ def write_outputs(payload: dict[str, Any], out: str, stream: Any, write_json: bo
         print(f"{'met    ' if g['met'] else 'NOT met'}  [{g['task']}] {g['goal']}: {g['detail']}", file=stream)
     meta = payload["meta"]
     written = [p for k, p in paths.items() if write_json or k != "json"]
-    print(f"\n{len(payload['runs'])} runs in {meta['wall_s']:.0f} s wall ({meta['cpu_s']:.0f} CPU s); wrote "
-          + ", ".join(written), file=stream)
+    done = f"{meta['wall_s']:.0f} s wall ({meta['cpu_s']:.0f} CPU s)"
+    ran = f"read from {source} (trained earlier in {done})" if source else f"in {done}"
+    print(f"\n{len(payload['runs'])} runs {ran}; wrote " + ", ".join(written), file=stream)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -629,13 +634,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lionkit compare: error: {e}", file=sys.stderr)
         return 2
     if args.from_json:
-        with open(args.from_json) as f:
-            payload = json.load(f)
+        try:
+            with open(args.from_json) as f:
+                payload = json.load(f)
+            if not isinstance(payload, dict) or not {"runs", "tasks", "meta"} <= payload.keys():
+                raise ValueError("not a compare.json (it needs 'runs', 'tasks' and 'meta')")
+        except (OSError, ValueError) as e:
+            print(f"lionkit compare: error: --from-json {args.from_json!r}: {e}", file=sys.stderr)
+            return 2
         payload["summary"] = summarize(payload["runs"])  # recomputed: the JSON's runs are the data
         payload["summary"] = {t: payload["summary"][t] for t in payload["tasks"] if t in payload["summary"]}
         payload["goals"] = goals(payload["summary"])
         write_outputs(payload, args.out, sys.stdout, write_json=os.path.abspath(args.out) != os.path.dirname(
-            os.path.abspath(args.from_json)))
+            os.path.abspath(args.from_json)), source=args.from_json)
         return 0
     jobs = args.jobs if args.jobs is not None else max(1, min(8, _cpus() // args.threads))
     run(

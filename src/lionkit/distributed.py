@@ -67,6 +67,11 @@ def _dtensor_type() -> Any:
     return _DTENSOR
 
 
+def world_size() -> int:
+    """Processes in the default process group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_dtensor(t: Any) -> bool:
     """True if ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2 parameter)."""
     cls = _dtensor_type()

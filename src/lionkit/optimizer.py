@@ -120,6 +120,13 @@ class _LionBase(torch.optim.Optimizer):
         if stochastic_rounding and sr_seed is None:
             # drawn from torch's default generator, so torch.manual_seed(...) fixes the run
             sr_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+            if distributed.world_size() > 1:
+                warnings.warn(
+                    "lionkit: stochastic_rounding=True with sr_seed=None under torch.distributed: each rank draws "
+                    "its seed from its own torch generator, so DDP replicas round differently (and drift apart) "
+                    "unless every rank's generator is seeded alike. Pass the same sr_seed on every rank",
+                    stacklevel=3,
+                )
         self.sr_seed = sr_seed  # with the step count and the parameter's place: every SR draw
         self.skipped_steps = 0  # steps skipped under nonfinite="skip" (not saved in checkpoints)
         self._plan: Optional[fastpath.Plan] = None  # the cached step plan (fastpath.py)

@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", default="", help="regular expression selecting variants by name")
     ap.add_argument("--no-peers", action="store_true", help="lionkit only")
     ap.add_argument("--no-goals", action="store_true", help="do not evaluate the fused kernels' speed and memory goals")
-    ap.add_argument("--quick", action="store_true", help="tiny model, 2 rounds, no goals: a smoke test (a minute or so; the kernel's first C++ build adds ~10 s)")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 2 rounds, no goals: a smoke test (a few minutes on 2 cores: dozens of fresh processes, and the kernel's first C++ build)")
     ap.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per worker process")
     ap.add_argument("--verbose", action="store_true", help="progress on stderr")

@@ -209,3 +209,26 @@ def test_save_checkpoint_is_atomic_and_loadable(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["state"][0]["state1"], opt.state[p]["state1"])
     assert [f.name for f in tmp_path.iterdir()] == ["opt.pt"]  # no temporary left behind
+
+
+def test_empty_state_entries_and_load_hooks_behave_as_in_torch():
+    # reading opt.state[p] of a parameter that never stepped adds {} (a defaultdict, as torch):
+    # the state dict then holds it, and must load back (as "no state yet")
+    p, q = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(4))
+    opt = lionkit.Lion8bit([p, q], min_8bit_size=100)
+    p.grad = torch.randn(5000)
+    opt.step()
+    assert opt.state[q] == {}
+    sd = opt.state_dict()
+    assert sd["state"][1] == {}
+    opt.load_state_dict(sd)
+    assert q not in opt.state or opt.state[q] == {}
+    assert 1 not in lionkit.to_bitsandbytes(sd)["state"]
+    # a load pre-hook that edits the dict edits lionkit's copy, not the caller's (as torch)
+    sd["mine"] = 1
+    def drop_mine(optimizer, state_dict):
+        del state_dict["mine"]
+
+    opt.register_load_state_dict_pre_hook(drop_mine)
+    opt.load_state_dict(sd)
+    assert sd["mine"] == 1

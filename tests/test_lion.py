@@ -526,3 +526,25 @@ def test_float64_params_are_updated_in_float64(backend):
         q.grad = torch.ones_like(q)
         opt.step()
         assert torch.equal(q.detach(), torch.full_like(q, 1.0 + 1e-12) - 1e-9), cls.__name__
+
+
+@pytest.mark.parametrize("cls", [lionkit.Lion, lionkit.Lion8bit])
+def test_step_under_torch_compile_runs_as_is(cls):
+    # torch.compile does not trace into step (its kernel is called through pointers): the
+    # compiled call is a graph break that runs the fused kernel, with the eager step's result
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    ps = [torch.nn.Parameter(torch.randn(5000, generator=gen)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a, b = cls(ps, lr=1e-2, min_8bit_size=100), cls(qs, lr=1e-2, min_8bit_size=100)
+    compiled_step = torch.compile(a.step)
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(5000, generator=gen)
+            q.grad = p.grad.clone()
+        compiled_step()
+        b.step()
+    assert a.torn is None
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+    assert a.backends_used == b.backends_used

@@ -301,9 +301,15 @@ def test_same_tensor_twice_is_named():
     t = torch.zeros(5)
     with pytest.raises(ValueError, match="shares its memory with parameter 0 of param group 0"):
         lionkit.Lion([torch.nn.Parameter(t), torch.nn.Parameter(t)])
-    # disjoint views of one buffer are fine
+    # so are a reshaped, a transposed and a reinterpreted view of one parameter's memory
+    w = torch.zeros(10, 6)
+    for alias in (w.view(60), w.t(), w.view(torch.int32).view(torch.float32).t()):
+        with pytest.raises(ValueError, match="shares its memory with parameter 0 of param group 0"):
+            lionkit.Lion([torch.nn.Parameter(w), torch.nn.Parameter(alias)])
+    # disjoint views of one buffer are fine, interleaved ones too
     buf = torch.zeros(10)
     lionkit.Lion([buf[:5], buf[5:]])
+    lionkit.Lion([buf[::2], buf[1::2]])
 
 
 def _step_fails_cleanly(opt, params, exc, match):

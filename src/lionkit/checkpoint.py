@@ -46,6 +46,8 @@ def to_bitsandbytes(state_dict: dict[str, Any]) -> dict[str, Any]:
     and the ``eps`` its param groups must carry. The tensors are shared, not copied."""
     out_state = {}
     for key, st in state_dict["state"].items():
+        if isinstance(st, dict) and not st:
+            continue  # no state yet
         st = flatten_param_state(st)
         if quant4.is_map4(st.get("qmap1")):
             raise ValueError(
@@ -198,6 +200,8 @@ def parse_state_dict(
         if key not in id_map:
             raise ValueError(f"state dict has state for parameter id {key!r}, which no saved param group lists")
         p, where = id_map[key]
+        if isinstance(st, dict) and not st:
+            continue  # an empty entry: no state yet (reading opt.state[p] of a torch optimizer adds one)
         new_state[p] = parse_param_state(st, p, where)
     return new_groups, new_state
 

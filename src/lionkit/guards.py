@@ -89,12 +89,20 @@ def mark_modified(params: Sequence[torch.Tensor]) -> None:
 
 def _memory_key(p: torch.Tensor) -> tuple | None:
     # Two distinct tensor objects with this key are the same memory seen twice (e.g. two
-    # nn.Parameter wrappers of one tensor): updating both would apply every step twice.
+    # nn.Parameter wrappers of one tensor, or a reshaped or transposed view of another
+    # parameter): updating both would apply every step twice, or one would overwrite the other.
+    # A dense tensor (its elements fill one block of memory, in any order of dimensions) is keyed
+    # by that block; another layout (a strided view) by its exact view.
     if hasattr(p, "to_local"):  # a DTensor (FSDP2): data_ptr() is 0, its memory is the local shard
         p = p.to_local()
     if p.numel() == 0:
         return None
-    return (p.device, p.data_ptr(), tuple(p.shape), p.stride(), p.dtype)
+    expect = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(p.shape, p.stride()) if sz != 1):
+        if stride != expect:
+            return (p.device, p.data_ptr(), tuple(p.shape), p.stride(), p.dtype)
+        expect *= size
+    return (p.device, p.data_ptr(), p.numel() * p.element_size())
 
 
 def check_new_group(

@@ -29,8 +29,12 @@ def _step_hooks(func: Callable[..., Any]) -> Callable[..., Any]:
     that the profiler range is entered only while a profiler runs: entering one is a dispatcher
     call that costs ~0.2 ms per step once a 20M-parameter step has evicted the caches (measured
     on the 2-core machine of docs/benchmarks.md). With any hook registered or a profiler on,
-    torch's own wrapper runs, unchanged. ``hooked`` tells torch not to wrap it again."""
-    wrapped = torch.optim.Optimizer.profile_hook_step(func)
+    torch's own wrapper runs, unchanged. ``hooked`` tells torch not to wrap it again.
+
+    torch.compile does not trace into it (``torch.compiler.disable``): a compiled function that
+    calls ``opt.step()`` runs the step as it is, with its fused kernel (called through pointers,
+    which the compiler could not trace), as a graph break."""
+    wrapped = _not_traced(torch.optim.Optimizer.profile_hook_step(func))
     names = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
     tables = [getattr(_torch_optimizer, name, None) for name in names]
     if any(t is None for t in tables) or not hasattr(torch.autograd, "_profiler_enabled"):
@@ -48,8 +52,14 @@ def _step_hooks(func: Callable[..., Any]) -> Callable[..., Any]:
         self._optimizer_step_code()
         return out
 
+    step = _not_traced(step)
     step.hooked = True
     return step
+
+
+def _not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
 
 
 _MOMENTUM_STREAM = fastpath._MOMENTUM_STREAM  # separates the 4-bit momentum's random numbers from the weights
@@ -621,6 +631,7 @@ class _LionBase(torch.optim.Optimizer):
         """Load a lionkit or bitsandbytes Lion/Lion8bit state dict (plain or nested
         ``__bnb_optimizer_quant_state__`` layout). 8-bit state loaded into a 32-bit optimizer
         (or the reverse) is converted. Nothing changes unless the whole dict is valid."""
+        state_dict = state_dict.copy()  # hooks may edit it: the caller's dict stays as it is (as torch)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:

@@ -500,7 +500,8 @@ def test_backend_is_visible_and_forceable():
     p.grad = torch.ones(10)
     opt.step()
     assert opt.backends_used == {"cpu": "torch"}
-    assert "backend: torch" in repr(opt)
+    # under a heading of its own, not inside the last param group's block
+    assert repr(opt).endswith("weight_decay: 0.0\nOptimizer settings\n    backend: torch (cpu: torch)\n)")
     with pytest.raises(ValueError, match="Invalid backend: 'nope'"):
         lionkit.Lion([p], backend="nope")
 

@@ -669,7 +669,7 @@ class _LionBase(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         text = super().__repr__()
-        extra = f"    backend: {self.backend}"
+        extra = f"Optimizer settings\n    backend: {self.backend}"  # not a group's: a heading of their own
         if self.backends_used:
             extra += " (" + ", ".join(f"{d}: {b}" for d, b in self.backends_used.items()) + ")"
         if self.grad_clip_norm is not None:

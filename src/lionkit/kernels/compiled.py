@@ -401,15 +401,19 @@ class Prepared:
         self._gdt = np.ascontiguousarray(self.info[:, 2])
         self._grads: Optional[Sequence[torch.Tensor]] = None
 
-    def _set_grads(self, grads: Sequence[torch.Tensor]) -> None:
-        # the pointers of this step's gradients, written once for the finite check and the step
+    def _set_grads(self, grads: Sequence[torch.Tensor], ptrs: Optional[Sequence[int]] = None) -> None:
+        # the pointers of this step's gradients (``ptrs`` if the caller read them already),
+        # written once for the finite check and the step
         if grads is not self._grads:
-            self.ptr[1] = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=self.n)
+            if ptrs is None:
+                ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=self.n)
+            self.ptr[1] = ptrs
             self._grads = grads
 
-    def all_finite(self, grads: Sequence[torch.Tensor]) -> bool:
-        """True if no gradient holds NaN or inf (one pass, as ``all_finite``)."""
-        self._set_grads(grads)
+    def all_finite(self, grads: Sequence[torch.Tensor], ptrs: Optional[Sequence[int]] = None) -> bool:
+        """True if no gradient holds NaN or inf (one pass, as ``all_finite``); ``ptrs``: their
+        data pointers, if already read."""
+        self._set_grads(grads, ptrs)
         out = np.ones(self.n, dtype=np.uint8)
         g = np.ascontiguousarray(self.ptr[1])
         self.backend._lib.lk_all_finite(self.n, g.ctypes.data, self._numel.ctypes.data, self._gdt.ctypes.data,
@@ -421,7 +425,7 @@ class Prepared:
 
     def run(
         self, grads: Sequence[torch.Tensor], hypers: Sequence[StepHyper], srkeys: Optional[np.ndarray] = None,
-        mkeys: Optional[np.ndarray] = None,
+        mkeys: Optional[np.ndarray] = None, ptrs: Optional[Sequence[int]] = None,
     ) -> None:
         """One step; ``srkeys`` / ``mkeys`` (uint32, one per tensor): this step's stochastic-
         rounding keys of the bf16 tensors whose StepHyper asks for it, and of the 4-bit momenta
@@ -442,7 +446,7 @@ class Prepared:
             self.info[:, 5] = srkeys.view(np.int32)
         if mkeys is not None:
             self.info[:, 4] = mkeys.view(np.int32)
-        self._set_grads(grads)
+        self._set_grads(grads, ptrs)
         try:
             self.backend._launch(self.n, self.ptr, self.info.reshape(-1), self.hyper, self.qc)
         finally:

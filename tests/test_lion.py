@@ -436,6 +436,13 @@ def test_positional_order_and_defaults(name):
     assert opt.is_paged == name.startswith("Paged")
 
 
+@pytest.mark.parametrize("name", ["Lion8bit", "Lion32bit", "PagedLion8bit", "PagedLion32bit"])
+def test_fixed_optim_bits_is_refused_by_public_name(name):
+    p = torch.nn.Parameter(torch.zeros(10))
+    with pytest.raises(TypeError, match=rf"^{name}\(\) fixes optim_bits=\d+; use lionkit.Lion"):
+        getattr(lionkit, name)([p], optim_bits=8)
+
+
 def test_positional_arguments_land_where_bnb_puts_them():
     p = torch.nn.Parameter(torch.zeros(5000))
     opt = lionkit.Lion8bit([p], 0.5, (0.8, 0.9), 0.1, None, 100, 50, False, False)

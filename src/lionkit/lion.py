@@ -128,6 +128,10 @@ def _fixed_bits(bits: int, paged_default: bool, paged_positional: bool):
     ) -> None:
         if len(rest) > (1 if paged_positional else 0):
             raise TypeError(f"{type(self).__name__}() got too many positional arguments")
+        if "optim_bits" in kwargs:
+            raise TypeError(
+                f"{type(self).__name__}() fixes optim_bits={bits}; use lionkit.Lion(..., optim_bits=...) to choose it"
+            )
         if paged_positional:
             is_paged = rest[0] if rest else kwargs.pop("is_paged", paged_default)
         else:

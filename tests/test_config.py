@@ -150,6 +150,27 @@ def test_numpy_hyperparameters_are_stored_as_plain_values():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)
+    # set by hand between planned steps (which do not rewrite the groups): the state dict is
+    # still plain
+    opt = lionkit.Lion8bit([{"params": [p]}, {"params": [q]}], min_8bit_size=100)
+    for t in (p, q):
+        t.grad = torch.randn_like(t)
+    opt.step()
+    opt.step()
+    assert opt._plan is not None
+    opt.param_groups[0]["lr"] = np.float64(5e-4)  # a new lr: still planned
+    opt.param_groups[1]["betas"] = (np.float64(0.9), np.float64(0.99))  # equal values: still planned
+    planned = []
+    real = opt._planned_step
+    opt._planned_step = lambda plan: planned.append(real(plan)) or planned[-1]
+    opt.step()
+    assert planned == [True]
+    assert type(opt.param_groups[0]["lr"]) is np.float64  # the planned step leaves the groups as they are
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded["param_groups"][0]["lr"] == 5e-4 and loaded["param_groups"][1]["betas"] == (0.9, 0.99)
 
 
 def test_register_parameters_takes_param_groups_like_an_optimizer():

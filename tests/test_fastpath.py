@@ -329,12 +329,13 @@ def test_not_planned_when_steps_need_per_step_work():
     assert opt._plan is None
 
 
-def test_the_plan_keeps_no_gradient_alive():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_plan_keeps_no_gradient_alive(backend):
     import gc
     import weakref
 
     params = _model()
-    opt = lionkit.Lion8bit(params, lr=1e-3, min_8bit_size=300)
+    opt = lionkit.Lion8bit(params, lr=1e-3, min_8bit_size=300, backend=backend)
     for k in range(3):
         _set_grads(params, k)
         opt.step()

@@ -6,7 +6,7 @@ modified."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -14,12 +14,13 @@ GNORM_HISTORY = 100
 
 
 def grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
-    """sum(g^2) as a 0-dim tensor, accumulated in fp64 (fp32 on MPS, which has no fp64): a
-    huge but finite gradient (norm above ~1.8e19, what global clipping is for) then has a finite
-    squared norm instead of an fp32 overflow that would scale every gradient to 0. The fp32
-    percentile ring stores it rounded to fp32, as bitsandbytes' fp32 norms."""
-    dtype = torch.float32 if g.device.type == "mps" else torch.float64
-    return torch.linalg.vector_norm(g, 2, dtype=dtype).square()
+    """sum(g^2) as a 0-dim tensor: the norm accumulated in fp32 (bf16/fp16 gradients included;
+    fp64 stays fp64), squared in fp64 (fp32 on MPS), so that a norm up to fp32's largest has a
+    finite square. A norm above ~1.8e19 overflows the fp32 accumulation itself (inf):
+    ``global_norm_scale`` recomputes those exactly. The fp32 percentile ring stores the square
+    rounded to fp32, as bitsandbytes' fp32 norms."""
+    norm = torch.linalg.vector_norm(g, 2, dtype=torch.promote_types(g.dtype, torch.float32))
+    return norm.square() if g.device.type == "mps" else norm.to(torch.float64).square()
 
 
 def percentile_scale(
@@ -45,10 +46,22 @@ def percentile_scale(
     return ring, scale
 
 
-def global_norm_scale(sq_norms: Sequence[torch.Tensor], scales: Sequence[float], max_norm: float) -> float:
+def global_norm_scale(
+    sq_norms: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    max_norm: float,
+    exact: Optional[Callable[[int], float]] = None,
+) -> float:
     """max_norm / ||g|| if the global L2 norm of the (already scaled) gradients exceeds
     ``max_norm``, else 1 (braintools' ``clip_by_global_norm``, computed once over every
-    parameter of the optimizer)."""
-    total = sum(float(s) ** 2 * float(n) for s, n in zip(scales, sq_norms))
+    parameter of the optimizer). ``exact(i)``: gradient i's squared norm in fp64, asked for only
+    where the fp32 one overflowed (a huge but finite gradient, what clipping is for: without it
+    every gradient would be scaled to 0)."""
+    total = 0.0
+    for i, (s, n) in enumerate(zip(scales, sq_norms)):
+        sq = float(n)
+        if sq == math.inf and exact is not None:
+            sq = exact(i)
+        total += float(s) ** 2 * sq
     norm = math.sqrt(total)
     return max_norm / norm if norm > max_norm else 1.0

@@ -173,7 +173,8 @@ class Plan:
                 if gptrs is not None:
                     gptrs.append(g.data_ptr())
                 k += 1
-        self._gptrs = (grads, gptrs)
+        if gptrs is not None:  # cleared by run: no gradient outlives the step
+            self._gptrs = (grads, gptrs)
         return grads
 
     def _grad_pointers(self, grads: list[torch.Tensor]) -> Optional[list[int]]:

@@ -58,7 +58,11 @@ def _step_hooks(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    # torch._disable_dynamo imports the compiler on the first call, not now (importing it costs
+    # ~1.7 s, which `import lionkit` would otherwise pay); torch.optim uses it the same way
+    disable = getattr(torch, "_disable_dynamo", None)
+    if disable is None:
+        disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
 
 
@@ -151,6 +155,7 @@ class _LionBase(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.register_state_dict_pre_hook(_refuse_if_torn)
+        self.register_state_dict_post_hook(_plain_groups)
         # FSDP2 (DTensor) parameters: save their state in a form that reshards (distributed.py)
         self.register_state_dict_post_hook(distributed.state_dict_post_hook)
         if is_paged:
@@ -401,6 +406,24 @@ class _LionBase(torch.optim.Optimizer):
                     stacklevel=3,
                 )
 
+    def _exact_sq_norm(self, plans: list) -> Callable[[int], float]:
+        """For global clipping: plan row i's squared gradient norm accumulated in fp64, where the
+        fp32 one overflowed (rare: it copies the gradient to fp64). Refused, before any write,
+        where fp64 is not at hand (a DTensor shard, MPS)."""
+
+        def exact(i: int) -> float:
+            gi, group, p = plans[i][:3]
+            g = guards.as_real(p.grad)
+            if distributed.is_dtensor(p) or g.device.type == "mps":
+                name = guards.where(gi, next(j for j, q in enumerate(group["params"]) if q is p), p)
+                raise ValueError(
+                    f"{name}: its gradient's norm overflows fp32 (above ~1.8e19), which grad_clip_norm cannot "
+                    "recompute here (a sharded or MPS gradient): scale the loss down"
+                )
+            return float(torch.linalg.vector_norm(g, 2, dtype=torch.float64).square())
+
+        return exact
+
     def _full_step(self, loss: Any) -> Any:
         """The step through every check (``step`` without a usable plan); returns ``loss``."""
         # 1. Check; nothing is written until every parameter has passed.
@@ -436,7 +459,7 @@ class _LionBase(torch.optim.Optimizer):
         if self.grad_clip_norm is not None:
             sqs = [plan[6] for plan in plans]
             pscales = [plan[8] if plan[8] is not None else 1.0 for plan in plans]
-            gscale = clipping.global_norm_scale(sqs, pscales, self.grad_clip_norm)
+            gscale = clipping.global_norm_scale(sqs, pscales, self.grad_clip_norm, exact=self._exact_sq_norm(plans))
 
         hypers = []
         hyper_of: dict[tuple, StepHyper] = {}  # parameters with equal settings share one object
@@ -528,7 +551,9 @@ class _LionBase(torch.optim.Optimizer):
             for view, work_copy in copies:
                 view.copy_(work_copy)
             distributed.finish(dist_shared)
-            guards.mark_modified([p for _, _, p, *_ in plans])
+            guards.mark_modified(
+                [p for _, _, p, *_ in plans if getattr(backends[p.device], "writes_through_pointers", False)]
+            )
 
             for gi, group, p, cfg, step, lr, sq, ring, pscale in plans:
                 state = self.state[p]
@@ -591,7 +616,8 @@ class _LionBase(torch.optim.Optimizer):
         hypers = plan.hypers(lrs)
         try:
             plan.run(grads, hypers)
-            guards.mark_modified(plan.params)
+            if getattr(plan.backend, "writes_through_pointers", False):  # torch ops count themselves
+                guards.mark_modified(plan.params)
         except BaseException as e:
             self.torn = f"{type(e).__name__}: {e}"
             if hasattr(e, "add_note"):
@@ -687,6 +713,19 @@ def _torn_message(reason: str) -> str:
         "been updated and others not. step() and state_dict() refuse until you load a checkpoint "
         "(opt.load_state_dict) or accept the state with opt.clear_torn()."
     )
+
+
+def _plain_groups(optimizer: _LionBase, state_dict: dict[str, Any]) -> None:
+    """The saved groups' hyperparameters as plain Python values, whatever was set into the
+    groups since the last full step (a numpy scalar would make the state dict refuse
+    ``torch.load(..., weights_only=True)``). torch copies each group for the state dict."""
+    for group in state_dict["param_groups"]:
+        for key in (*config.GROUP_KEYS, *config.STATE_KEYS):
+            if key in group:
+                try:
+                    group[key] = config.plain(key, group[key])
+                except (TypeError, ValueError):
+                    pass  # not a valid value at all: the next step or load says so
 
 
 def _refuse_if_torn(optimizer: _LionBase) -> None:

@@ -242,6 +242,9 @@ class CompiledBackend:
     """Fused, multithreaded, vectorised CPU kernel (C++ built on first use)."""
 
     name = "compiled"
+    # its kernels write parameters through pointers, unseen by autograd's version counters:
+    # the optimizer bumps them (guards.mark_modified)
+    writes_through_pointers = True
     # honours StepHyper.stochastic_rounding: bf16 parameters in the kernel (the same random
     # numbers as TorchBackend: rounding.sr_hash); fp16 ones go to TorchBackend
     stochastic_rounding = True

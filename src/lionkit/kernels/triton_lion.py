@@ -112,6 +112,9 @@ class TritonBackend:
     with ``allow_cpu=True``, for testing)."""
 
     name = "triton"
+    # its kernels write parameters through pointers, unseen by autograd's version counters:
+    # the optimizer bumps them (guards.mark_modified)
+    writes_through_pointers = True
     # honours StepHyper.stochastic_rounding: bf16 parameters in the kernels (rounding.sr_hash's
     # numbers, as TorchBackend); fp16 ones go to TorchBackend
     stochastic_rounding = True

@@ -10,8 +10,8 @@ loaded by every rank continues exactly.
 from __future__ import annotations
 
 import json
-import warnings
 import os
+import warnings
 
 import pytest
 import torch

@@ -507,8 +507,8 @@ def test_torch_names_and_npz_keep_names(tmp_path):
 
 
 def test_from_mlx_with_frozen_parameters_names_trainable_parameters():
-    mx, lmlx = _mlx()
-    import mlx.nn as nn
+    _mx, lmlx = _mlx()
+    from mlx import nn
 
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     model.layers[1].freeze()
@@ -521,7 +521,7 @@ def test_from_mlx_with_frozen_parameters_names_trainable_parameters():
 
 # --------------------------------------------------------------------------- counters
 def test_to_jax_sets_multisteps_and_inject_hyperparams_counts():
-    jax, jnp, optax, ljax = _jax()
+    _, jnp, optax, ljax = _jax()
     params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
     states = [interop.MomentumState(7, s, momentum=np.zeros(s, np.float32)) for s in SHAPES.values()]
     sched = optax.linear_schedule(1.0, 0.0, 100)

@@ -118,7 +118,7 @@ def test_weight_decay_schedule_and_mask_match_optax():
 
 
 @pytest.mark.parametrize(
-    "clip", [dict(grad_clip_norm=0.05), dict(grad_clip_value=1e-3), dict(grad_clip_norm=0.05, grad_clip_value=1e-3)]
+    "clip", [{"grad_clip_norm": 0.05}, {"grad_clip_value": 1e-3}, {"grad_clip_norm": 0.05, "grad_clip_value": 1e-3}]
 )
 def test_clipping_matches_braintools_chain(clip):
     # braintools.optim.Lion is this optax chain (SPEC section 4); built here from optax parts
@@ -285,16 +285,16 @@ def test_jit_compiles_once(state_bits):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(learning_rate=-1.0), "learning_rate"),
-        (dict(learning_rate="x"), "learning_rate"),
-        (dict(learning_rate=1e-3, b1=1.0), "b1"),
-        (dict(learning_rate=1e-3, b2=-0.1), "b2"),
-        (dict(learning_rate=1e-3, weight_decay=-1.0), "weight_decay"),
-        (dict(learning_rate=1e-3, state_bits=16), "state_bits"),
-        (dict(learning_rate=1e-3, grad_clip_norm=0.0), "grad_clip_norm"),
-        (dict(learning_rate=1e-3, grad_clip_value=-2.0), "grad_clip_value"),
-        (dict(learning_rate=1e-3, block_size=0), "block_size"),
-        (dict(learning_rate=1e-3, min_8bit_size=-1), "min_8bit_size"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"learning_rate": "x"}, "learning_rate"),
+        ({"learning_rate": 1e-3, "b1": 1.0}, "b1"),
+        ({"learning_rate": 1e-3, "b2": -0.1}, "b2"),
+        ({"learning_rate": 1e-3, "weight_decay": -1.0}, "weight_decay"),
+        ({"learning_rate": 1e-3, "state_bits": 16}, "state_bits"),
+        ({"learning_rate": 1e-3, "grad_clip_norm": 0.0}, "grad_clip_norm"),
+        ({"learning_rate": 1e-3, "grad_clip_value": -2.0}, "grad_clip_value"),
+        ({"learning_rate": 1e-3, "block_size": 0}, "block_size"),
+        ({"learning_rate": 1e-3, "min_8bit_size": -1}, "min_8bit_size"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -352,8 +352,8 @@ def test_inject_hyperparams_under_jit_matches_optax():
 
 def test_inject_hyperparams_8bit_with_static_args():
     params, loss = _problem(10)
-    kw = dict(weight_decay=0.1, state_bits=8, min_8bit_size=0, block_size=64)
-    p_ref, s_ref = _run_jit(lion(SCHEDULE, **kw), params, loss)
+    kw = {"weight_decay": 0.1, "state_bits": 8, "min_8bit_size": 0, "block_size": 64}
+    p_ref, _ = _run_jit(lion(SCHEDULE, **kw), params, loss)
     p_ours, s = _run_jit(optax.inject_hyperparams(lion, static_args=STATIC)(learning_rate=SCHEDULE, **kw), params, loss)
     assert _same(p_ref, p_ours)
     assert interop.from_jax(s)[0].block_size == 64
@@ -373,10 +373,10 @@ def test_inject_hyperparams_traced_structural_argument_is_named():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(learning_rate=jnp.asarray(1e-2)),
-        dict(learning_rate=np.float32(1e-2)),
-        dict(learning_rate=np.float64(1e-2), weight_decay=np.float32(0.1)),
-        dict(learning_rate=1e-2, weight_decay=jnp.asarray(0.1), b1=np.float32(0.9), b2=jnp.asarray(0.99)),
+        {"learning_rate": jnp.asarray(1e-2)},
+        {"learning_rate": np.float32(1e-2)},
+        {"learning_rate": np.float64(1e-2), "weight_decay": np.float32(0.1)},
+        {"learning_rate": 1e-2, "weight_decay": jnp.asarray(0.1), "b1": np.float32(0.9), "b2": jnp.asarray(0.99)},
     ],
     ids=["jax-lr", "np32-lr", "np-wd", "arrays"],
 )
@@ -397,14 +397,14 @@ def test_integer_arguments_accept_numpy_and_concrete_arrays():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(learning_rate=1e-3, b1=np.float32(1.5)), "b1"),
-        (dict(learning_rate=1e-3, b2=jnp.asarray(1.0)), "b2"),
-        (dict(learning_rate=jnp.asarray(-1.0)), "learning_rate"),
-        (dict(learning_rate=jnp.asarray([1e-3, 2e-3])), "learning_rate"),
-        (dict(learning_rate=1e-3, weight_decay=np.float32(-0.1)), "weight_decay"),
-        (dict(learning_rate=1e-3, block_size=np.int64(0)), "block_size"),
-        (dict(learning_rate=1e-3, block_size=256.0), "block_size"),
-        (dict(learning_rate=1e-3, state_bits=jnp.asarray(16)), "state_bits"),
+        ({"learning_rate": 1e-3, "b1": np.float32(1.5)}, "b1"),
+        ({"learning_rate": 1e-3, "b2": jnp.asarray(1.0)}, "b2"),
+        ({"learning_rate": jnp.asarray(-1.0)}, "learning_rate"),
+        ({"learning_rate": jnp.asarray([1e-3, 2e-3])}, "learning_rate"),
+        ({"learning_rate": 1e-3, "weight_decay": np.float32(-0.1)}, "weight_decay"),
+        ({"learning_rate": 1e-3, "block_size": np.int64(0)}, "block_size"),
+        ({"learning_rate": 1e-3, "block_size": 256.0}, "block_size"),
+        ({"learning_rate": 1e-3, "state_bits": jnp.asarray(16)}, "state_bits"),
     ],
 )
 def test_bad_numpy_and_array_arguments(kwargs, match):

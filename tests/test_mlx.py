@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core", reason="MLX not installed (pip install 'lionkit[mlx]', i.e. mlx[cpu] on Linux)")
-import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
+from mlx import nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from lionkit import interop  # noqa: E402
@@ -154,7 +154,7 @@ def test_8bit_close_to_32bit():
 
 @pytest.mark.parametrize("cls", [Lion, Lion8bit])
 def test_safetensors_round_trip_resumes_exactly(tmp_path, cls):
-    kwargs = dict(min_8bit_size=0) if cls is Lion8bit else {}
+    kwargs = {"min_8bit_size": 0} if cls is Lion8bit else {}
     straight = _train(_model(3), cls(SCHEDULE, weight_decay=0.1, **kwargs), steps=20)
 
     model = _model(3)
@@ -204,10 +204,10 @@ def test_8bit_state_with_other_block_size_same_scale_count_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(learning_rate=mx.array(1e-2)),
-        dict(learning_rate=np.float32(1e-2), weight_decay=mx.array(0.1)),
-        dict(learning_rate=1e-2, betas=np.array([0.9, 0.99], dtype=np.float32), weight_decay=np.float32(0.1)),
-        dict(learning_rate=1e-2, betas=[mx.array(0.95), np.float64(0.98)], weight_decay=np.float64(0.1)),
+        {"learning_rate": mx.array(1e-2)},
+        {"learning_rate": np.float32(1e-2), "weight_decay": mx.array(0.1)},
+        {"learning_rate": 1e-2, "betas": np.array([0.9, 0.99], dtype=np.float32), "weight_decay": np.float32(0.1)},
+        {"learning_rate": 1e-2, "betas": [mx.array(0.95), np.float64(0.98)], "weight_decay": np.float64(0.1)},
     ],
     ids=["mx-lr", "np-lr-mx-wd", "np-betas", "mixed-betas"],
 )
@@ -221,14 +221,14 @@ def test_array_and_numpy_hyperparameters_match_mlx_lion(kwargs):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(learning_rate=mx.array(-1.0)), "learning_rate"),
-        (dict(learning_rate=mx.array([1e-3, 2e-3])), "learning_rate"),
-        (dict(learning_rate=1e-3, betas=np.array([1.5, 0.9], dtype=np.float32)), "beta at index 0"),
-        (dict(learning_rate=1e-3, betas=(0.9, np.float32(1.0))), "beta at index 1"),
-        (dict(learning_rate=1e-3, weight_decay=mx.array(-0.1)), "weight_decay"),
-        (dict(learning_rate=1e-3, weight_decay="0.1"), "weight_decay"),
-        (dict(learning_rate=1e-3, block_size=np.int64(0)), "block_size"),
-        (dict(learning_rate=1e-3, block_size=256.0), "block_size"),
+        ({"learning_rate": mx.array(-1.0)}, "learning_rate"),
+        ({"learning_rate": mx.array([1e-3, 2e-3])}, "learning_rate"),
+        ({"learning_rate": 1e-3, "betas": np.array([1.5, 0.9], dtype=np.float32)}, "beta at index 0"),
+        ({"learning_rate": 1e-3, "betas": (0.9, np.float32(1.0))}, "beta at index 1"),
+        ({"learning_rate": 1e-3, "weight_decay": mx.array(-0.1)}, "weight_decay"),
+        ({"learning_rate": 1e-3, "weight_decay": "0.1"}, "weight_decay"),
+        ({"learning_rate": 1e-3, "block_size": np.int64(0)}, "block_size"),
+        ({"learning_rate": 1e-3, "block_size": 256.0}, "block_size"),
     ],
 )
 def test_bad_array_and_numpy_arguments(kwargs, match):
@@ -239,12 +239,12 @@ def test_bad_array_and_numpy_arguments(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(learning_rate=-1.0), "learning_rate"),
-        (dict(learning_rate=1e-3, betas=(1.0, 0.99)), "beta at index 0"),
-        (dict(learning_rate=1e-3, betas=(0.9,)), "betas"),
-        (dict(learning_rate=1e-3, weight_decay=-0.5), "weight_decay"),
-        (dict(learning_rate=1e-3, block_size=0), "block_size"),
-        (dict(learning_rate=1e-3, min_8bit_size=-3), "min_8bit_size"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"learning_rate": 1e-3, "betas": (1.0, 0.99)}, "beta at index 0"),
+        ({"learning_rate": 1e-3, "betas": (0.9,)}, "betas"),
+        ({"learning_rate": 1e-3, "weight_decay": -0.5}, "weight_decay"),
+        ({"learning_rate": 1e-3, "block_size": 0}, "block_size"),
+        ({"learning_rate": 1e-3, "min_8bit_size": -3}, "min_8bit_size"),
     ],
 )
 def test_bad_arguments(kwargs, match):

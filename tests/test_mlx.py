@@ -199,6 +199,16 @@ def test_8bit_state_with_other_block_size_same_scale_count_is_refused(tmp_path):
     same = Lion8bit(1e-3, block_size=2000)
     same.state = tree_unflatten(list(mx.load(path).items()))
     same.apply_gradients(g, p)  # its own block size loads
+    # a state saved before states recorded their block size (no "block_size" entry) still loads
+    # and steps as the same state with it (only its number of scales can be checked)
+    old = Lion8bit(1e-3, block_size=2000)
+    old.state = tree_unflatten([(k, v) for k, v in mx.load(path).items() if not k.endswith("block_size")])
+    assert "block_size" not in old.state["w"]
+    fresh = Lion8bit(1e-3, block_size=2000)
+    fresh.state = tree_unflatten(list(mx.load(path).items()))
+    assert np.array_equal(np.array(old.apply_gradients(g, p)["w"]), np.array(fresh.apply_gradients(g, p)["w"]))
+    for key in ("codes", "absmax"):
+        assert np.array_equal(np.array(old.state["w"][key]), np.array(fresh.state["w"][key]))
 
 
 @pytest.mark.parametrize(

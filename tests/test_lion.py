@@ -556,3 +556,19 @@ def test_step_under_torch_compile_runs_as_is(cls):
     for p, q in zip(ps, qs):
         assert torch.equal(p.detach(), q.detach())
     assert a.backends_used == b.backends_used
+
+
+@pytest.mark.parametrize("cls", [lionkit.Lion, lionkit.Lion8bit])
+@pytest.mark.filterwarnings("error")
+def test_clip_value_beyond_fp32_range_is_no_clipping_on_every_backend(cls):
+    # 1e39 rounds to inf in fp32 (the fused kernels); the eager backend used to refuse it
+    results = []
+    for backend in ("torch", "auto"):
+        gen = torch.Generator().manual_seed(12)
+        p = torch.nn.Parameter(torch.randn(5000, generator=gen))
+        opt = cls([p], lr=1e-2, grad_clip_value=1e39, min_8bit_size=100, backend=backend)
+        for _ in range(2):
+            p.grad = torch.randn(5000, generator=gen) * 1e3
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["state1"].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

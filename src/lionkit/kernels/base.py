@@ -75,6 +75,18 @@ class StepHyper:
     mseed: int = 0
 
 
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def hyper_row(hp: StepHyper) -> tuple[float, ...]:
+    """The scalars a fused kernel takes, as the reference rounds them: Python (double)
+    arithmetic, then fp32 (by the caller). A clip bound beyond fp32's range is inf there (no
+    clipping), as the eager backend's fp32 math treats it."""
+    decay = 1.0 - hp.lr * hp.weight_decay if hp.weight_decay != 0 else 1.0
+    clip = float("inf") if hp.clip_value is None or hp.clip_value > FP32_MAX else hp.clip_value
+    return (hp.lr, hp.beta1, 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, decay, hp.grad_scale, clip)
+
+
 class Backend(Protocol):
     """A Lion update implementation. ``step_many`` updates every (p, g, m) in place.
 

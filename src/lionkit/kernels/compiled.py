@@ -35,7 +35,7 @@ import torch
 
 from .. import quant, quant_fast, rounding
 from ..qstate import QuantizedState
-from .base import Momentum, StepHyper, fused_momentum_ok
+from .base import Momentum, StepHyper, fused_momentum_ok, hyper_row
 from .torch_eager import TorchBackend
 
 SOURCE = Path(__file__).with_name("lion_cpu.cpp")
@@ -231,13 +231,6 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
     return [bool(next(it)) if t.numel() else True for t in tensors]
 
 
-def _hyper_row(hp: StepHyper) -> tuple[float, ...]:
-    # The scalars as the reference rounds them: Python (double) arithmetic, then fp32.
-    decay = 1.0 - hp.lr * hp.weight_decay if hp.weight_decay != 0 else 1.0
-    clip = float("inf") if hp.clip_value is None else hp.clip_value
-    return (hp.lr, hp.beta1, 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, decay, hp.grad_scale, clip)
-
-
 class CompiledBackend:
     """Fused, multithreaded, vectorised CPU kernel (C++ built on first use)."""
 
@@ -292,7 +285,7 @@ class CompiledBackend:
             infos += _info(p, g.dtype, m, hp)
             row = rows.get(id(hp))
             if row is None:
-                row = rows[id(hp)] = _hyper_row(hp)
+                row = rows[id(hp)] = hyper_row(hp)
             hrows.append(row)
         self.fallback_count = len(slow)  # tensors this kernel cannot take (float64, ...): eager
         if slow:
@@ -439,7 +432,7 @@ class Prepared:
             for hp in hypers:
                 row = rows.get(id(hp))
                 if row is None:
-                    row = rows[id(hp)] = (_hyper_row(hp), _hyper_flags(hp))
+                    row = rows[id(hp)] = (hyper_row(hp), _hyper_flags(hp))
                 table.append(row[0])
                 flags.append(row[1])
             self.hyper = np.array(table, dtype=np.float32)

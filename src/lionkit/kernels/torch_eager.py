@@ -4,13 +4,14 @@ the fallback path, and the only one for float64 parameters."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from .. import quant, quant4, rounding
 from ..qstate import QuantizedState
-from .base import Momentum, StepHyper
+from .base import FP32_MAX, Momentum, StepHyper
 
 CHUNK = 1 << 18  # elements per chunk (a multiple of the block size): ~1 MiB per fp32 temporary
 
@@ -27,7 +28,10 @@ def _direction(m: torch.Tensor, g: torch.Tensor, hp: StepHyper) -> tuple[torch.T
     if hp.grad_scale != 1.0:
         g = g * hp.grad_scale
     if hp.clip_value is not None:
-        g = g.clamp(-hp.clip_value, hp.clip_value)
+        # a bound beyond fp32's range is inf in fp32 math (as the fused kernels round it); torch
+        # would refuse to convert it for an fp32 tensor
+        clip = hp.clip_value if g.dtype == torch.float64 or hp.clip_value <= FP32_MAX else math.inf
+        g = g.clamp(-clip, clip)
     # interpolation, used only for its sign
     c = hp.beta1 * m + (1 - hp.beta1) * g
     return g, torch.sign(c)

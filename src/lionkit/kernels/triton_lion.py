@@ -29,7 +29,7 @@ import torch
 
 from .. import quant_fast, rounding
 from ..qstate import QuantizedState
-from .base import Momentum, StepHyper, fused_momentum_ok
+from .base import Momentum, StepHyper, fused_momentum_ok, hyper_row
 from .torch_eager import TorchBackend
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -98,13 +98,6 @@ def quantize(x: torch.Tensor, qmap: torch.Tensor, block: int = 1024) -> torch.Te
     n = x.numel()
     k.quantize[(max(1, -(-n // block)),)](x, out, n, qc, BLOCK=block)
     return out
-
-
-def _hyper_row(hp: StepHyper) -> tuple[float, ...]:
-    # The scalars as the reference rounds them: Python (double) arithmetic, then fp32.
-    decay = 1.0 - hp.lr * hp.weight_decay if hp.weight_decay != 0 else 1.0
-    clip = float("inf") if hp.clip_value is None else hp.clip_value
-    return (hp.lr, hp.beta1, 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, decay, hp.grad_scale, clip)
 
 
 class TritonBackend:
@@ -242,7 +235,7 @@ class TritonBackend:
         for i, (_, _, _, hp) in enumerate(items):
             row = rows.get(hp)
             if row is None:
-                row = rows[hp] = _hyper_row(hp)
+                row = rows[hp] = hyper_row(hp)
             hyp[i] = row
             # 4: round stochastically (the kernels do so for bf16 parameters only)
             flags[i] = int(hp.skip_zeros) | 4 * int(hp.stochastic_rounding)

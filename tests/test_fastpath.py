@@ -266,7 +266,7 @@ def test_failure_in_a_planned_kernel_marks_the_step_torn(monkeypatch):
     plan = pair.a._plan
     assert plan is not None
 
-    def boom(grads, hypers):
+    def boom(grads, hypers, gptrs=None):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(plan, "run", boom)

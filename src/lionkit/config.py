@@ -151,6 +151,12 @@ def plain(key: str, value: Any) -> Any:
     return value
 
 
+def checked(key: str, value: Any) -> Any:
+    """``check`` the value, then return it ``plain``."""
+    check(key, value)
+    return plain(key, value)
+
+
 def state_config_from_args(args: Any, **given: Any) -> dict[str, Any]:
     """bitsandbytes' ``args`` object: when given, its attributes replace the constructor values."""
     if args is None:

@@ -108,11 +108,11 @@ class Plan:
             sr_index = opt._sr_index()
             self.sr_idx = np.array([sr_index[id(p)] for p in self.params], dtype=np.uint64)
         self._hyper_key: Optional[tuple] = None
-        self._gptrs: tuple[Any, Optional[list[int]]] = (None, None)
         self._hypers: list[StepHyper] = []
 
-    def grads(self, opt: Any) -> Optional[list[torch.Tensor]]:
-        """The gradients to use, or None when anything the plan relies on has changed."""
+    def grads(self, opt: Any) -> Optional[tuple[list[torch.Tensor], Optional[list[int]]]]:
+        """The gradients to use and, for the compiled kernel, their data pointers (else None),
+        or None when anything the plan relies on has changed."""
         groups = opt.param_groups
         if (
             opt.state is not self.state_obj
@@ -173,14 +173,7 @@ class Plan:
                 if gptrs is not None:
                     gptrs.append(g.data_ptr())
                 k += 1
-        if gptrs is not None:  # cleared by run: no gradient outlives the step
-            self._gptrs = (grads, gptrs)
-        return grads
-
-    def _grad_pointers(self, grads: list[torch.Tensor]) -> Optional[list[int]]:
-        """The pointers ``grads`` read them for, if ``grads`` is what it returned last."""
-        last, gptrs = self._gptrs
-        return gptrs if last is grads else None
+        return grads, gptrs
 
     def hypers(self, lrs: dict[int, float]) -> list[StepHyper]:
         """One StepHyper per planned parameter (shared per group) for the lrs of the active
@@ -201,15 +194,15 @@ class Plan:
         for gi in self.group_step:
             self.group_step[gi] += 1
 
-    def all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """True if no gradient holds NaN or inf."""
+    def all_finite(self, grads: list[torch.Tensor], gptrs: Optional[list[int]] = None) -> bool:
+        """True if no gradient holds NaN or inf (``gptrs``: their data pointers, from ``grads``)."""
         if self.prepared is not None:
-            return self.prepared.all_finite(grads, self._grad_pointers(grads))
+            return self.prepared.all_finite(grads, gptrs)
         with torch.no_grad():
             return not guards.nonfinite_params(grads)
 
-    def run(self, grads: list[torch.Tensor], hypers: list[StepHyper]) -> None:
-        """The kernels, on the planned tensors."""
+    def run(self, grads: list[torch.Tensor], hypers: list[StepHyper], gptrs: Optional[list[int]] = None) -> None:
+        """The kernels, on the planned tensors (``gptrs``: the gradients' data pointers, from ``grads``)."""
         if self.prepared is not None:
             keys = mkeys = None
             step = np.array(self.steps, dtype=np.uint64) + 1  # this step is step + 1 of each parameter
@@ -218,10 +211,7 @@ class Plan:
             if self.m4_seed is not None:  # as the optimizer's mseed: the low 32 bits
                 seeds = rounding.derive_seeds(self.m4_seed, step, self.sr_idx, _MOMENTUM_STREAM)
                 mkeys = np.where(self.four, seeds & np.uint64(0xFFFFFFFF), 0).astype(np.uint32)
-            try:
-                self.prepared.run(grads, hypers, keys, mkeys, self._grad_pointers(grads))
-            finally:
-                self._gptrs = (None, None)  # keeps no gradient alive after the step
+            self.prepared.run(grads, hypers, keys, mkeys, gptrs)
         else:
             with torch.no_grad():  # the parameters are leaves that require grad
                 self.backend.step_many(self.params, grads, self.moms, hypers)

@@ -95,12 +95,8 @@ class _LionBase(torch.optim.Optimizer):
         config.check_lr(lr)
         config.check_betas(betas)
         config.check_nonneg("weight_decay", weight_decay)
-        config.check_clip_norm(grad_clip_norm)
         config.check_clip_value(grad_clip_value)
-        config.check_bool("is_paged", is_paged)
-        guards.check_nonfinite_policy(nonfinite)
-        config.check_bool("stochastic_rounding", stochastic_rounding)
-        rounding.check_seed("sr_seed", sr_seed)
+        _check_own_settings(grad_clip_norm, is_paged, nonfinite, stochastic_rounding, sr_seed)
         if backend not in kernels.BACKEND_NAMES:
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {', '.join(kernels.BACKEND_NAMES)})")
         state_cfg = config.state_config_from_args(
@@ -113,8 +109,7 @@ class _LionBase(torch.optim.Optimizer):
             max_unorm=0.0,
         )
         for key, value in state_cfg.items():
-            config.check(key, value)
-            state_cfg[key] = config.plain(key, value)
+            state_cfg[key] = config.checked(key, value)
         state_cfg.pop("max_unorm")
         config.check_bits_layout(state_cfg)
 
@@ -191,8 +186,7 @@ class _LionBase(torch.optim.Optimizer):
             plain = {}
             for key, value in param_group.items():
                 if key in config.GROUP_KEYS or key in config.STATE_KEYS:
-                    config.check(key, value)
-                    plain[key] = config.plain(key, value)
+                    plain[key] = config.checked(key, value)
             if any(plain[k] is not param_group[k] for k in plain):
                 param_group = {**param_group, **plain}
         super().add_param_group(param_group)
@@ -311,11 +305,7 @@ class _LionBase(torch.optim.Optimizer):
         work = []
         # the optimizer's own settings are attributes a user may set between steps too
         try:
-            config.check_clip_norm(self.grad_clip_norm)
-            config.check_bool("stochastic_rounding", self.stochastic_rounding)
-            config.check_bool("is_paged", self.is_paged)
-            guards.check_nonfinite_policy(self.nonfinite)
-            rounding.check_seed("sr_seed", self.sr_seed)
+            _check_own_settings(self.grad_clip_norm, self.is_paged, self.nonfinite, self.stochastic_rounding, self.sr_seed)
         except ValueError as e:
             raise ValueError(f"optimizer setting: {e}") from None
         for gi, group in enumerate(self.param_groups):
@@ -323,11 +313,10 @@ class _LionBase(torch.optim.Optimizer):
                 # settings may have been changed by hand or by a scheduler since the last step
                 if key in group and not (key == "lr" and self._lr_schedules[gi] is not None):
                     try:
-                        config.check(key, group[key])
+                        # a value set by hand (a numpy scalar, say) is kept as a plain one
+                        value = config.checked(key, group[key])
                     except ValueError as e:
                         raise ValueError(f"param group {gi}: {e}") from None
-                    # a value set by hand (a numpy scalar, say) is saved as a plain one
-                    value = config.plain(key, group[key])
                     if value is not group[key]:
                         group[key] = value
             try:
@@ -361,7 +350,7 @@ class _LionBase(torch.optim.Optimizer):
             self.skipped_steps += 1
             return True
         gi, group, p = work[bad[0]]
-        name = guards.where(gi, next(i for i, q in enumerate(group["params"]) if q is p), p)
+        name = _name_of(gi, group, p)
         more = f" (and {len(bad) - 1} more parameters)" if len(bad) > 1 else ""
         raise guards.NonFiniteGradientError(
             f"non-finite gradient in {name}: {guards.describe_nonfinite(p.grad)}{more}. Nothing was updated. "
@@ -415,7 +404,7 @@ class _LionBase(torch.optim.Optimizer):
             gi, group, p = plans[i][:3]
             g = guards.as_real(p.grad)
             if distributed.is_dtensor(p) or g.device.type == "mps":
-                name = guards.where(gi, next(j for j, q in enumerate(group["params"]) if q is p), p)
+                name = _name_of(gi, group, p)
                 raise ValueError(
                     f"{name}: its gradient's norm overflows fp32 (above ~1.8e19), which grad_clip_norm cannot "
                     "recompute here (a sharded or MPS gradient): scale the loss down"
@@ -595,10 +584,11 @@ class _LionBase(torch.optim.Optimizer):
         fits or anything needs the full path (which then raises or decides as usual)."""
         if kernels.resolve(self.backend, plan.device) is not plan.backend:  # opt.backend changed
             return False
-        grads = plan.grads(self)
-        if grads is None:
+        found = plan.grads(self)
+        if found is None:
             return False
-        if self.nonfinite != "propagate" and not plan.all_finite(grads):
+        grads, gptrs = found
+        if self.nonfinite != "propagate" and not plan.all_finite(grads, gptrs):
             return False  # the full path raises or skips, naming the parameter
         lrs = {}
         for gi in plan.active_groups:
@@ -615,7 +605,7 @@ class _LionBase(torch.optim.Optimizer):
             lrs[gi] = self._lr_value(lr, 0)
         hypers = plan.hypers(lrs)
         try:
-            plan.run(grads, hypers)
+            plan.run(grads, hypers, gptrs)
             if getattr(plan.backend, "writes_through_pointers", False):  # torch ops count themselves
                 guards.mark_modified(plan.params)
         except BaseException as e:
@@ -705,6 +695,20 @@ class _LionBase(torch.optim.Optimizer):
         if self.stochastic_rounding:
             extra += f"\n    stochastic_rounding: True (sr_seed={self.sr_seed})"
         return text[:-1] + extra + "\n)"
+
+
+def _name_of(gi: int, group: dict[str, Any], p: torch.Tensor) -> str:
+    """How errors name ``p`` of param group ``gi`` (its place in the group, looked up)."""
+    return guards.where(gi, next(i for i, q in enumerate(group["params"]) if q is p), p)
+
+
+def _check_own_settings(grad_clip_norm: Any, is_paged: Any, nonfinite: Any, stochastic_rounding: Any, sr_seed: Any) -> None:
+    """The optimizer-wide settings (constructor arguments, then attributes a user may set)."""
+    config.check_clip_norm(grad_clip_norm)
+    config.check_bool("is_paged", is_paged)
+    guards.check_nonfinite_policy(nonfinite)
+    config.check_bool("stochastic_rounding", stochastic_rounding)
+    rounding.check_seed("sr_seed", sr_seed)
 
 
 def _torn_message(reason: str) -> str:

@@ -37,22 +37,32 @@ def _direction(m: torch.Tensor, g: torch.Tensor, hp: StepHyper) -> tuple[torch.T
     return g, torch.sign(c)
 
 
+def _momentum_chunk(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, hp: StepHyper
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gradient as used, sign of the interpolation, new m in fp32) for one chunk of parameter
+    ``p`` (its dtype picks the math: ``_math_dtype``); inputs are not modified."""
+    dt = _math_dtype(p)
+    m = m.to(dt)
+    g, direction = _direction(m, g.to(dt), hp)
+    # decay the momentum
+    m_new = hp.beta2 * m + (1 - hp.beta2) * g
+    if hp.skip_zeros:
+        m_new = torch.where(g == 0, m, m_new)
+    return g, direction, m_new.to(torch.float32)
+
+
 def _update_chunk(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, hp: StepHyper) -> tuple[torch.Tensor, torch.Tensor]:
     """(new p, new m) for one chunk, new m in fp32; inputs are not modified."""
-    dt = _math_dtype(p)
-    p0, m = p.to(dt), m.to(dt)
-    g, direction = _direction(m, g.to(dt), hp)
+    g, direction, m_new = _momentum_chunk(p, g, m, hp)
+    p0 = p.to(g.dtype)
     # stepweight decay
     pf = p0 * (1 - hp.lr * hp.weight_decay) if hp.weight_decay != 0 else p0
     # weight update
     p_new = pf - hp.lr * direction
-    # decay the momentum
-    m_new = hp.beta2 * m + (1 - hp.beta2) * g
     if hp.skip_zeros:
-        zero = g == 0
-        p_new = torch.where(zero, p0, p_new)
-        m_new = torch.where(zero, m, m_new)
-    return p_new, m_new.to(torch.float32)
+        p_new = torch.where(g == 0, p0, p_new)
+    return p_new, m_new
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -99,13 +109,9 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, q: QuantizedState, hp: StepHyper
             amax = torch.maximum(amax, m_new.abs().amax())
         for s in range(0, n, CHUNK):
             sl = slice(s, s + CHUNK)
-            dt = _math_dtype(pf)  # as pass 1 computed it
-            m = (q.qmap[codes[sl].long()] * scale_old).to(dt)
-            g_s, _ = _direction(m, gf[sl].to(dt), hp)
-            m_new = hp.beta2 * m + (1 - hp.beta2) * g_s
-            if hp.skip_zeros:
-                m_new = torch.where(g_s == 0, m, m_new)
-            _quantize_into(m_new.to(torch.float32), codes[sl], amax, q.qmap)
+            m = q.qmap[codes[sl].long()] * scale_old
+            _, _, m_new = _momentum_chunk(pf[sl], gf[sl], m, hp)  # as pass 1 computed it
+            _quantize_into(m_new, codes[sl], amax, q.qmap)
         q.absmax.copy_(amax.reshape(q.absmax.shape))
         return
     bs = q.block_size

@@ -115,6 +115,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="block_size"):
         Lion8bit(block_size=np.int64(0))
     assert Lion8bit(betas=np.float32([0.9, 0.99]), block_size=np.int64(128)).block_size == 128
+    # braintools itself compares with < 0 only: NaN and inf passed and spoiled the weights
+    # (weight_decay=nan was even dropped silently)
+    nan, inf = float("nan"), float("inf")
+    for kw, name in [
+        ({"lr": nan}, "lr"), ({"lr": inf}, "lr"), ({"weight_decay": nan}, "weight_decay"),
+        ({"weight_decay": inf}, "weight_decay"), ({"grad_clip_norm": nan}, "grad_clip_norm"),
+        ({"grad_clip_value": nan}, "grad_clip_value"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            Lion(**kw)
+    Lion(grad_clip_norm=inf, grad_clip_value=inf)  # no clipping: allowed, as in lionkit.Lion
 
 
 def test_docs_examples_run():

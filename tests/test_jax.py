@@ -295,11 +295,39 @@ def test_jit_compiles_once(state_bits):
         ({"learning_rate": 1e-3, "grad_clip_value": -2.0}, "grad_clip_value"),
         ({"learning_rate": 1e-3, "block_size": 0}, "block_size"),
         ({"learning_rate": 1e-3, "min_8bit_size": -1}, "min_8bit_size"),
+        # NaN passed the "> 0" checks, inf every check; both spoil the weights in one step
+        ({"learning_rate": 1e-3, "grad_clip_norm": float("nan")}, "grad_clip_norm"),
+        ({"learning_rate": 1e-3, "grad_clip_value": float("nan")}, "grad_clip_value"),
+        ({"learning_rate": float("inf")}, "learning_rate"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"learning_rate": 1e-3, "weight_decay": float("inf")}, "weight_decay"),
+        # an integer momentum rounds every update to zero (Lion would become sign-SGD)
+        ({"learning_rate": 1e-3, "mu_dtype": jnp.int8}, "mu_dtype"),
+        ({"learning_rate": 1e-3, "mu_dtype": "foo"}, "mu_dtype"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         lion(**kwargs)
+
+
+def test_infinite_clip_thresholds_mean_no_clipping():
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    grads = {"w": jnp.array([1e30, -5.0, 0.5])}
+    plain = lion(1e-2)
+    clipped = lion(1e-2, grad_clip_norm=float("inf"), grad_clip_value=float("inf"))
+    u0, _ = plain.update(grads, plain.init(params), params)
+    u1, _ = clipped.update(grads, clipped.init(params), params)
+    assert np.array_equal(np.asarray(u0["w"]), np.asarray(u1["w"]))
+
+
+def test_add_decayed_weights_checks_its_argument():
+    from lionkit.jax import add_decayed_weights
+
+    with pytest.raises(ValueError, match="weight_decay"):
+        add_decayed_weights(-1.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        add_decayed_weights(float("nan"))
 
 
 def test_missing_optax_names_the_install():

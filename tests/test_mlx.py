@@ -255,11 +255,60 @@ def test_bad_array_and_numpy_arguments(kwargs, match):
         ({"learning_rate": 1e-3, "weight_decay": -0.5}, "weight_decay"),
         ({"learning_rate": 1e-3, "block_size": 0}, "block_size"),
         ({"learning_rate": 1e-3, "min_8bit_size": -3}, "min_8bit_size"),
+        ({"learning_rate": float("inf")}, "learning_rate"),
+        ({"learning_rate": 1e-3, "weight_decay": float("inf")}, "weight_decay"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Lion8bit(**kwargs)
+
+
+def test_8bit_keeps_float64_parameters_exact():
+    # the update of a float64 parameter is computed in float64 by Lion and by Lion8bit (it was
+    # rounded to fp32 by Lion8bit: 1 + 1e-12 - 1e-10 came back as 1.0)
+    w0 = 1.0 + 1e-12
+    out = {}
+    for cls in (Lion, Lion8bit):
+        params = {"w": mx.full((5000,), w0, dtype=mx.float64, stream=mx.cpu)}
+        grads = {"w": mx.ones((5000,), dtype=mx.float64, stream=mx.cpu)}
+        with mx.stream(mx.cpu):
+            opt = cls(learning_rate=1e-10)
+            new = opt.apply_gradients(grads, params)
+            mx.eval(new)
+        out[cls.__name__] = np.array(new["w"])
+    assert out["Lion"].dtype == np.float64
+    assert np.array_equal(out["Lion8bit"], out["Lion"])
+    assert out["Lion8bit"][0] == w0 - 1e-10
+
+
+def test_state_of_the_other_kind():
+    params = {"w": mx.linspace(-1, 1, 5000)}
+    grads = {"w": mx.sin(mx.arange(5000, dtype=mx.float32))}
+    # an 8-bit state given to Lion: a clear error, not a bare KeyError 'm'
+    o8 = Lion8bit(learning_rate=1e-3)
+    o8.init(params)
+    lion32 = Lion(learning_rate=1e-3)
+    lion32.state = tree_unflatten(list(tree_flatten(o8.state)))
+    with pytest.raises(ValueError, match="8-bit state"):
+        lion32.apply_gradients(grads, params)
+    # a 32-bit state given to Lion8bit: this step starts from the exact momentum and the new
+    # momentum is stored in 8 bits (it used to stay fp32, without the memory saving)
+    o32 = Lion(learning_rate=1e-3)
+    p1 = o32.apply_gradients(grads, params)
+    ref = Lion(learning_rate=1e-3)
+    ref.state = tree_unflatten(list(tree_flatten(o32.state)))
+    want = ref.apply_gradients(grads, p1)
+    conv = Lion8bit(learning_rate=1e-3)
+    conv.state = tree_unflatten(list(tree_flatten(o32.state)))
+    got = conv.apply_gradients(grads, p1)
+    mx.eval(got, want)
+    assert np.array_equal(np.array(got["w"]), np.array(want["w"]))
+    st = conv.state["w"]
+    assert sorted(st) == ["absmax", "block_size", "codes"] and st["codes"].dtype == mx.uint8
+    codes, absmax = mquant.quantize(ref.state["w"]["m"], 256)
+    assert np.array_equal(np.array(st["codes"]), np.array(codes))
+    assert np.array_equal(np.array(st["absmax"]), np.array(absmax))
 
 
 def test_docs_examples_run(capsys):

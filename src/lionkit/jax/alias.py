@@ -3,6 +3,7 @@ decay -> learning rate), in braintools' order, plus the two small stages it need
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -43,6 +44,7 @@ def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0, mask: Any = None) 
     params. ``weight_decay`` may be a schedule (called with the step count, from 0); ``mask``
     (a tree of bools or a callable) selects the leaves that decay."""
 
+    _check_scalar("weight_decay", weight_decay, positive=False, allow_schedule=True)
     scheduled = callable(weight_decay)
 
     def init_fn(params):
@@ -67,9 +69,19 @@ def _check_scalar(name: str, value: Any, *, positive: bool, allow_schedule: bool
     if allow_schedule and callable(value):
         return
     try:
-        check_real(name, value, low_open=positive)
+        # the positive ones are clipping thresholds, where +inf means no clipping
+        check_real(name, value, low_open=positive, allow_inf=positive)
     except TypeError:
         raise TypeError(f"Invalid {name}: {value!r} (must be a number{' or a schedule' if allow_schedule else ''})") from None
+
+
+def clips(threshold: Any) -> bool:
+    """Whether a clipping threshold asks for a clipping stage: not for None, nor for a constant
+    +inf (no clipping, as in ``lionkit.Lion``; optax's global-norm clip would turn an overflowed
+    norm into NaN updates: g / inf * inf)."""
+    if threshold is None:
+        return False
+    return callable(threshold) or isinstance(threshold, jax.Array) or float(threshold) != math.inf
 
 
 def _is_constant_zero(value: Any) -> bool:
@@ -161,9 +173,9 @@ def lion(
         _check_scalar("grad_clip_value", grad_clip_value, positive=True, allow_schedule=False)
 
     parts = [promote_to_float32()]
-    if grad_clip_norm is not None:
+    if clips(grad_clip_norm):
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    if grad_clip_value is not None:
+    if clips(grad_clip_value):
         parts.append(optax.clip(grad_clip_value))
     parts.append(
         scale_by_lion(b1, b2, state_bits, block_size, mu_dtype, min_8bit_size=min_8bit_size)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -53,15 +54,33 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def check_real(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None, low_open: bool = False) -> None:
+def check_real(
+    name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None, low_open: bool = False,
+    allow_inf: bool = False,
+) -> None:
     """Range check of a real hyperparameter given as any number (Python, numpy, a 0-d JAX
-    array); a traced value (``optax.inject_hyperparams`` under ``jit``) is not checked."""
+    array): NaN is always refused, +inf unless ``allow_inf`` (a clipping threshold: no
+    clipping); a traced value (``optax.inject_hyperparams`` under ``jit``) is not checked."""
     if is_traced(value):
         return
     v = interop.real_number(name, value)
-    if (v <= low if low_open else not v >= low) or (high is not None and not v < high):
+    bad_range = not (v > low if low_open else v >= low) or (high is not None and not v < high)
+    if bad_range or (v == math.inf and not allow_inf):
         rng = f"[{low}, {high})" if high is not None else f"{'>' if low_open else '>='} {low}"
-        raise ValueError(f"Invalid {name}: {value!r} (must be {'in ' if high is not None else ''}{rng})")
+        finite = "" if allow_inf or high is not None else "finite and "
+        raise ValueError(f"Invalid {name}: {value!r} (must be {finite}{'in ' if high is not None else ''}{rng})")
+
+
+def _float_dtype(name: str, dtype: Any) -> Any:
+    """``dtype`` as a JAX floating dtype; ValueError naming ``name`` for anything else (an
+    integer momentum would round every update to zero)."""
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or not jnp.issubdtype(d, jnp.floating):
+        raise ValueError(f"Invalid {name}: {dtype!r} (must be a floating dtype, e.g. jnp.float32 or jnp.bfloat16)")
+    return d
 
 
 def _check_beta(name: str, b: Any) -> None:
@@ -175,7 +194,7 @@ def scale_by_lion(
     _check_beta("b2", b2)
     state_bits, block_size, min_8bit_size = check_quant_args(state_bits, block_size, min_8bit_size)
     if mu_dtype is not None:
-        mu_dtype = jnp.dtype(mu_dtype)
+        mu_dtype = _float_dtype("mu_dtype", mu_dtype)
 
     def mom_dtype(p: Any) -> Any:
         return mu_dtype if mu_dtype is not None else _math_dtype(p.dtype)

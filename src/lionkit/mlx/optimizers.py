@@ -3,6 +3,7 @@ export/import ``lionkit.interop`` uses."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -22,13 +23,13 @@ def _math_dtype(dtype: Any) -> Any:
 
 
 def _real(name: str, value: Any, want: str, below: Optional[float] = None) -> float:
-    """A hyperparameter given as any real number (Python, numpy, a 0-d MLX array) as a Python
-    float >= 0 (and < ``below``); ValueError naming it and its value otherwise."""
+    """A hyperparameter given as any real number (Python, numpy, a 0-d MLX array) as a finite
+    Python float >= 0 (and < ``below``); ValueError naming it and its value otherwise."""
     try:
         v = interop.real_number(name, value)
     except TypeError:
         raise ValueError(f"Invalid {name}: {value!r} (must be {want})") from None
-    if not v >= 0 or (below is not None and not v < below):
+    if not v >= 0 or v == math.inf or (below is not None and not v < below):
         raise ValueError(f"Invalid {name}: {value!r} (must be {want})")
     return v
 
@@ -81,7 +82,7 @@ class Lion(optim.Optimizer):
     ) -> None:
         super().__init__()
         if not callable(learning_rate):
-            _real("learning_rate", learning_rate, "a number >= 0 or a schedule")
+            _real("learning_rate", learning_rate, "a finite number >= 0 or a schedule")
         try:
             betas = [b for b in betas]  # a list, tuple or 1-d array of two numbers
         except TypeError:
@@ -90,7 +91,7 @@ class Lion(optim.Optimizer):
             raise ValueError(f"Invalid betas: {betas!r} (must be two values)")
         # Python floats: MLX applies them in each parameter's math dtype, as it does its own
         betas = [_real(f"beta at index {i}", b, "in [0, 1)", below=1.0) for i, b in enumerate(betas)]
-        weight_decay = _real("weight_decay", weight_decay, ">= 0")
+        weight_decay = _real("weight_decay", weight_decay, "a finite number >= 0")
         # an array learning rate is kept as given (mx.array(lr)), as mlx.optimizers.Lion does
         self._maybe_schedule("learning_rate", learning_rate)
         self.betas = betas
@@ -119,7 +120,13 @@ class Lion(optim.Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         """One Lion update of ``parameter``; stores the new momentum in ``state``."""
-        m = state["m"]
+        m = state.get("m")
+        if m is None:
+            raise ValueError(
+                f"{type(self).__name__} keeps its momentum as 'm', but this parameter's state holds "
+                f"{sorted(state)}: an 8-bit state (from Lion8bit)? Load it into Lion8bit, or convert it "
+                "with lionkit.interop (from_mlx, then to_mlx)"
+            )
         w, m_new = self._step(gradient, parameter, m.astype(_math_dtype(m.dtype)))
         state["m"] = m_new.astype(m.dtype)
         return w.astype(parameter.dtype)
@@ -201,10 +208,19 @@ class Lion8bit(Lion):
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         """One Lion update with the momentum dequantized, updated and requantized."""
         if "codes" not in state:
+            if "m" in state and parameter.size >= self.min_8bit_size:
+                # a 32-bit state (saved by Lion) for a parameter kept in 8 bits here: this step
+                # starts from the exact momentum and stores the new one as codes
+                m = state.pop("m")
+                w, m_new = self._step(gradient, parameter, m.astype(_math_dtype(parameter.dtype)))
+                state["codes"], state["absmax"] = quant.quantize(m_new, self.block_size)
+                state["block_size"] = _block_size_array(self.block_size)
+                return w.astype(parameter.dtype)
             return super().apply_single(gradient, parameter, state)
         self._check_layout(state)
         codes, absmax = state["codes"], state["absmax"]
-        m = quant.dequantize(codes, absmax, self.block_size)
+        # fp32 math, or the parameter's own when wider (CPU float64), as the 32-bit path
+        m = quant.dequantize(codes, absmax, self.block_size).astype(_math_dtype(parameter.dtype))
         w, m_new = self._step(gradient, parameter, m)
         # absmax comes from the *updated* momentum, so every value fits its block's scale
         state["codes"], state["absmax"] = quant.quantize(m_new, self.block_size)

@@ -464,3 +464,28 @@ def test_full_state_dict_equals_unsharded_state_dict(run, name):
                 "param_groups": [{**g, "params": list(range(len(fqns)))} for g in full["param_groups"]]}
     opt.load_state_dict(by_index)
     assert math.isclose(opt.param_groups[0]["lr"], LR)
+
+
+@pytest.mark.parametrize("percentile", [50, 95])
+def test_state_made_by_get_state_dict_keeps_percentile_clipping(percentile):
+    # get_optimizer_state_dict before the first step (an initial checkpoint) creates the state
+    # with one zero-gradient, lr-0 step: its ring of norms held only zeros and clipped every
+    # gradient to 0 for 100 - percentile steps
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def train(state_first: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        m = torch.nn.Linear(32, 32)
+        opt = lionkit.Lion8bit(m.parameters(), lr=1e-2, min_8bit_size=1, percentile_clipping=percentile)
+        if state_first:
+            get_optimizer_state_dict(m, opt)
+            assert all(opt.state[p]["step"] == 1 for p in m.parameters())
+        for s in range(12):
+            x = torch.randn(8, 32, generator=torch.Generator().manual_seed(s))
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in m.parameters()]
+
+    for a, b in zip(train(False), train(True)):
+        assert torch.equal(a, b)

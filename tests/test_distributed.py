@@ -291,6 +291,18 @@ def _checkpoints(rank: int, folder: str, out: dict) -> None:
         values = full_values(model2.ps)
         if rank == 0:
             torch.save(values, os.path.join(folder, f"{name}-two-from-one.pt"))
+        # the 1-process run's plain state_dict (whole tensors, by index) loads with the ordinary
+        # load_state_dict too; (1, 3500) is whole on rank 0, where a per-tensor state already
+        # has the local shape (it was stepped as if block-wise and failed)
+        model3 = Params()
+        fully_shard(model3)
+        opt3 = lionkit.Lion(model3.parameters(), lr=LR, **kw)
+        train(model3, opt3, range(DCP_FIRST))
+        opt3.load_state_dict(torch.load(os.path.join(folder, f"{name}-plain.pt"), weights_only=True))
+        train(model3, opt3, range(DCP_FIRST, DCP_TOTAL))
+        values3 = full_values(model3.ps)
+        if rank == 0:
+            torch.save(values3, os.path.join(folder, f"{name}-two-from-plain.pt"))
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -323,6 +335,7 @@ def _single_process_checkpoints(folder: str) -> dict:
         ropt = lionkit.Lion(ref.parameters(), lr=LR, **kw)
         train(ref, ropt, range(DCP_FIRST))
         plain_after_first = copy.deepcopy(ropt.state_dict())  # its inner dicts are the live state
+        torch.save(plain_after_first, os.path.join(folder, f"{name}-plain.pt"))
         model = Params()
         opt = lionkit.Lion(model.parameters(), lr=LR, **kw)
         train(model, opt, range(DCP_FIRST))
@@ -440,6 +453,14 @@ def test_dcp_two_rank_checkpoint_loads_in_one_process(run, name):
     train(model, opt, range(DCP_FIRST, DCP_TOTAL))
     want, _ = refs[name]
     assert param_diff(full_values(model.ps), want)["max_abs"] == 0.0
+
+
+@pytest.mark.parametrize("name", DCP_CONFIGS)
+def test_plain_state_dict_of_one_process_loads_on_two_ranks(run, name):
+    folder, refs, _ = run
+    got = torch.load(os.path.join(folder, f"{name}-two-from-plain.pt"), weights_only=True)
+    want, _ = refs[name]
+    assert param_diff(got, want)["max_abs"] == 0.0
 
 
 @pytest.mark.parametrize("name", DCP_CONFIGS)

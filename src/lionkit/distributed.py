@@ -529,6 +529,8 @@ def prepare_state(opt: Any, p: "DTensor", cfg: dict[str, Any], eight: bool, bloc
         if is8:
             blocks = layout(p, quant.BLOCK_SIZE)
             have_bs = block_size_of(state, p.numel(), blocks.count if blocks.start is not None else -1)
+            if _get_block(s1) is _NO_BLOCK:  # a state loaded already in its local shape
+                _set_block(s1, have_bs)
         if is8 and (not eight or have_bs != block_size):
             m = dequantize_local(s1, state["absmax1"], state["qmap1"], _block_layout(p, have_bs))
         elif not is8 and eight:

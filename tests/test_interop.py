@@ -283,6 +283,30 @@ def test_npz_round_trip(tmp_path):
     assert prob is not None
 
 
+def test_npz_path_without_suffix(tmp_path):
+    # numpy's savez adds ".npz"; load_npz finds that file from the same name
+    states = [interop.MomentumState(3, (5,), momentum=np.arange(5, dtype=np.float32))]
+    interop.save_npz(str(tmp_path / "ckpt"), states)
+    assert (tmp_path / "ckpt.npz").exists()
+    assert _same_states(states, interop.load_npz(str(tmp_path / "ckpt")))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"step": -3}, "step"),
+        ({"step": 1.5}, "step"),
+        ({"block_size": 0}, "block_size"),  # was a bare ZeroDivisionError
+        ({"block_size": -256}, "block_size"),
+    ],
+)
+def test_momentum_state_checks_its_fields(kwargs, match):
+    codes, absmax = interop.quantize(np.ones(300, dtype=np.float32))
+    args = {"step": 1, "shape": (300,), "codes": codes, "absmax": absmax, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        interop.MomentumState(**args)
+
+
 def test_8bit_state_into_32bit_jax_is_dequantized_exactly():
     _, jnp, _, ljax = _jax()
     rng = np.random.default_rng(1)

@@ -4,7 +4,9 @@ Every lionkit front end stores Lion's momentum the same way: fp32 for small para
 than ``min_8bit_size`` elements) or 32-bit optimizers, and otherwise uint8 ``codes`` into the
 256-value signed dynamic map (bitsandbytes' ``create_dynamic_map(signed=True)``) times one fp32
 ``absmax`` per block of 256 elements (or per tensor). The same codes come out of all three
-front ends for the same momentum, so a state can move between them without loss:
+front ends for the same momentum, so a state can move between them without loss (the momentum
+and step count; PyTorch's ``percentile_clipping`` norm history is not part of the format, and
+``to_torch`` leaves it to be started again by the next step, from that step's norm):
 
     torch optimizer --from_torch--> [MomentumState, ...] --to_jax-->  optax state
                                      (numpy; save_npz)   --to_mlx-->  MLX optimizer state
@@ -40,6 +42,7 @@ and for MLX: ``interop.to_mlx(states, opt, model.trainable_parameters())`` and
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -217,6 +220,21 @@ class MomentumState:
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
+        try:
+            step = integer("step", self.step)
+        except TypeError:
+            raise ValueError(f"Invalid step: {self.step!r} (must be an int >= 0)") from None
+        if step < 0:
+            raise ValueError(f"Invalid step: {self.step!r} (must be an int >= 0)")
+        self.step = step
+        if self.block_size is not None:
+            try:
+                bs = integer("block_size", self.block_size)
+            except TypeError:
+                bs = 0
+            if bs < 1:
+                raise ValueError(f"Invalid block_size: {self.block_size!r} (must be an int >= 1, or None for one scale per tensor)")
+            self.block_size = bs
         if self.name is not None:
             self.name = str(self.name)
         if (self.momentum is None) == (self.codes is None):
@@ -337,7 +355,10 @@ def save_npz(path, states: Sequence[MomentumState]) -> None:
 
 
 def load_npz(path) -> list[MomentumState]:
-    """Read states written by ``save_npz``."""
+    """Read states written by ``save_npz`` (``"ckpt"`` finds ``"ckpt.npz"``, the file that
+    ``save_npz("ckpt", ...)`` writes: numpy adds the suffix)."""
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path) and os.path.exists(os.fspath(path) + ".npz"):
+        path = os.fspath(path) + ".npz"
     with np.load(path) as f:
         out = []
         for i in range(int(f["count"])):
@@ -432,6 +453,12 @@ def _torch_names(sd: dict, names: Optional[Sequence[str]]) -> list[Optional[str]
 
 
 def _np_copy(t: Any) -> np.ndarray:
+    if hasattr(t, "full_tensor"):  # a DTensor: each rank holds a shard of the state
+        raise ValueError(
+            "from_torch: this optimizer's state is sharded (DTensor, e.g. FSDP2); export the whole state "
+            "first: torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(model, opt, "
+            "options=StateDictOptions(full_state_dict=True)), loaded into an unsharded lionkit optimizer"
+        )
     # .numpy() shares memory with the tensor, which the optimizer updates in place
     return t.detach().cpu().numpy().copy()
 

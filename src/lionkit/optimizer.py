@@ -252,8 +252,12 @@ class _LionBase(torch.optim.Optimizer):
         bits, block_size = self._wanted_format(cfg, p)
         if distributed.is_dtensor(p):  # an FSDP2 shard: local state, global blocks and sizes
             if bits == 4:
+                where = next(
+                    (_name_of(gi, g, p) for gi, g in enumerate(self.param_groups) if any(q is p for q in g["params"])),
+                    "a parameter",
+                )
                 raise ValueError(
-                    f"optim_bits=4 is not supported for DTensor (FSDP2) parameters (shape {tuple(p.shape)}); "
+                    f"optim_bits=4 is not supported for DTensor (FSDP2) parameters ({where}); "
                     "use optim_bits=8 for sharded parameters"
                 )
             return distributed.prepare_state(self, p, cfg, bits == 8, block_size)

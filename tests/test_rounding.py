@@ -217,6 +217,30 @@ def test_seed_drawn_from_torch_manual_seed():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("how", ["switched on", "seed cleared"])
+def test_rounding_switched_on_between_steps_draws_its_seed(how):
+    # the settings are attributes a user may set between steps; switching rounding on without a
+    # seed crashed the step (int(None)) instead of drawing one as the constructor does
+    p = _param(torch.bfloat16)
+    if how == "switched on":
+        opt = lionkit.Lion([p], lr=1e-4, optim_bits=8)
+        opt.stochastic_rounding = True
+    else:
+        opt = lionkit.Lion([p], lr=1e-4, optim_bits=8, stochastic_rounding=True, sr_seed=3)
+        opt.sr_seed = None
+    p.grad = _grad(p, 0)
+    torch.manual_seed(7)
+    opt.step()
+    torch.manual_seed(7)
+    want_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    assert opt.sr_seed == want_seed
+    q = _param(torch.bfloat16)
+    ref = lionkit.Lion([q], lr=1e-4, optim_bits=8, stochastic_rounding=True, sr_seed=want_seed)
+    q.grad = _grad(q, 0)
+    ref.step()
+    assert torch.equal(p, q)
+
+
 def test_resume_continues_exactly():
     full = _trajectory(steps=4, stochastic_rounding=True, sr_seed=5)
     p, q = _param(torch.bfloat16), _param(torch.bfloat16, n=300, seed=1)

@@ -126,17 +126,9 @@ class _LionBase(torch.optim.Optimizer):
         self.backends_used: dict[str, str] = {}  # device -> backend name, filled at each step
         self.nonfinite = nonfinite
         self.stochastic_rounding = stochastic_rounding
-        if stochastic_rounding and sr_seed is None:
-            # drawn from torch's default generator, so torch.manual_seed(...) fixes the run
-            sr_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-            if distributed.world_size() > 1:
-                warnings.warn(
-                    "lionkit: stochastic_rounding=True with sr_seed=None under torch.distributed: each rank draws "
-                    "its seed from its own torch generator, so DDP replicas round differently (and drift apart) "
-                    "unless every rank's generator is seeded alike. Pass the same sr_seed on every rank",
-                    stacklevel=3,
-                )
         self.sr_seed = sr_seed  # with the step count and the parameter's place: every SR draw
+        if stochastic_rounding and sr_seed is None:
+            self._draw_sr_seed(stacklevel=4)
         self.skipped_steps = 0  # steps skipped under nonfinite="skip" (not saved in checkpoints)
         self._plan: Optional[fastpath.Plan] = None  # the cached step plan (fastpath.py)
         self.torn: Optional[str] = None  # why the last step stopped part-way; None when consistent
@@ -302,6 +294,18 @@ class _LionBase(torch.optim.Optimizer):
         codes.copy_(q.codes)
         state["state1"], state["absmax1"], state["qmap1"] = codes, q.absmax, qmap
 
+    def _draw_sr_seed(self, stacklevel: int) -> None:
+        """``sr_seed`` for stochastic rounding asked for without one: drawn from torch's default
+        generator, so torch.manual_seed(...) fixes the run."""
+        self.sr_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+        if distributed.world_size() > 1:
+            warnings.warn(
+                "lionkit: stochastic_rounding=True with sr_seed=None under torch.distributed: each rank draws "
+                "its seed from its own torch generator, so DDP replicas round differently (and drift apart) "
+                "unless every rank's generator is seeded alike. Pass the same sr_seed on every rank",
+                stacklevel=stacklevel,
+            )
+
     # ------------------------------------------------------------------ step
     def _check_inputs(self) -> list[tuple[int, dict[str, Any], torch.Tensor]]:
         """Every (group index, group, parameter) with a gradient, after checking parameters,
@@ -312,6 +316,8 @@ class _LionBase(torch.optim.Optimizer):
             _check_own_settings(self.grad_clip_norm, self.is_paged, self.nonfinite, self.stochastic_rounding, self.sr_seed)
         except ValueError as e:
             raise ValueError(f"optimizer setting: {e}") from None
+        if self.stochastic_rounding and self.sr_seed is None:  # switched on, or the seed cleared, since
+            self._draw_sr_seed(stacklevel=5)
         for gi, group in enumerate(self.param_groups):
             for key in (*config.GROUP_KEYS, *config.STATE_KEYS):
                 # settings may have been changed by hand or by a scheduler since the last step

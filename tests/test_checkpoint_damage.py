@@ -117,6 +117,9 @@ DAMAGE = [
     ],
     ("momentum-int", _set(("state", 1, "state1"), torch.zeros(7, dtype=torch.int32)),
      r"parameter 1 of param group 0 \(shape \(7,\)\): momentum dtype torch.int32 is neither float nor uint8"),
+    # the dtype named even when the shape is wrong too (it was blamed on the shape)
+    ("codes-int8", _set(("state", 0, "state1"), torch.zeros(17, dtype=torch.int8)),
+     P0 + r": momentum dtype torch.int8 is neither float nor uint8"),
     ("no-momentum", _delete(("state", 2, "state1")), r"parameter 0 of param group 1 \(shape \(3, 5\)\): state has no momentum"),
     ("step-negative", _set(("state", 0, "step"), -1), P0 + ": 'step' must be an integer >= 0, got -1"),
     ("step-fraction", _set(("state", 0, "step"), 2.5), P0 + ": 'step' must be an integer >= 0, got 2.5"),
@@ -281,3 +284,30 @@ def test_crash_mid_save_keeps_the_last_good_file(trained, tmp_path, monkeypatch,
     assert path.read_bytes() == good_bytes
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
     load_checkpoint(path)
+
+
+def _four_bit_state():
+    p = torch.nn.Parameter(torch.randn(33, generator=torch.Generator().manual_seed(0)))
+    opt = lionkit.Lion4bit([p], min_8bit_size=1)
+    p.grad = torch.ones(33)
+    opt.step()
+    return p, opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        # packed codes of the wrong size: said as such, not as a parameter-shape mismatch
+        (lambda st: st.__setitem__("state1", torch.zeros(33, dtype=torch.uint8)),
+         r"4-bit codes \(packed two per byte\) of shape \(33,\), expected \(17,\) for the parameter's 33 elements"),
+        (lambda st: st.pop("qmap1"), r"packed 4-bit codes\? their map 'qmap1' is missing"),
+    ],
+    ids=["packed-size", "no-map"],
+)
+def test_damaged_4bit_state_is_named(damage, message):
+    p, sd = _four_bit_state()
+    sd = copy.deepcopy(sd)
+    damage(sd["state"][0])
+    opt = lionkit.Lion4bit([torch.nn.Parameter(p.detach().clone())], min_8bit_size=1)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)

@@ -93,12 +93,18 @@ def parse_param_state(st: Any, p: torch.Tensor, where: str) -> dict[str, Any]:
     like = guards.as_real(p)  # a complex parameter's state is that of its real view
     qmap = st.get("qmap1")
     four = quant4.is_map4(qmap)
+    if s1.dtype != torch.uint8 and not s1.is_floating_point():  # before the shape: the dtype is the fault
+        raise ValueError(f"{where}: momentum dtype {s1.dtype} is neither float nor uint8")
     shape, blocks = guards.state_layout(like, s1, qmap)
     if s1.shape != shape:
-        raise ValueError(
-            f"{where}: momentum shape {tuple(s1.shape)} does not match parameter shape {tuple(like.shape)}"
-            + (f" (4-bit codes: {tuple(shape)} bytes expected)" if four and s1.dtype == torch.uint8 else "")
-        )
+        if four and s1.dtype == torch.uint8:
+            msg = (f"4-bit codes (packed two per byte) of shape {tuple(s1.shape)}, expected {tuple(shape)} for the "
+                   f"parameter's {like.numel()} elements")
+        else:
+            msg = f"momentum shape {tuple(s1.shape)} does not match parameter shape {tuple(like.shape)}"
+            if s1.dtype == torch.uint8 and qmap is None and s1.numel() == quant4.packed_numel(like.numel()):
+                msg += " (packed 4-bit codes? their map 'qmap1' is missing)"
+        raise ValueError(f"{where}: {msg}")
     dev = p.device
     # Copies are contiguous whatever the saved strides: the kernels work on flat memory.
     contiguous = torch.contiguous_format
@@ -141,8 +147,8 @@ def parse_param_state(st: Any, p: torch.Tensor, where: str) -> dict[str, Any]:
         out["qmap1"] = qmap.to(dev, copy=True)
     elif s1.is_floating_point():
         out["state1"] = s1.to(dev, torch.float32, copy=True, memory_format=contiguous)
-    else:
-        raise ValueError(f"{where}: momentum dtype {s1.dtype} is neither float nor uint8")
+    else:  # refused above
+        raise AssertionError(s1.dtype)
     if "gnorm_vec" in st:
         gv = st["gnorm_vec"]
         if not isinstance(gv, torch.Tensor) or gv.numel() != clipping.GNORM_HISTORY:

@@ -268,3 +268,28 @@ def test_stochastic_rounding_keeps_the_momentum_unbiased():
 
     assert abs(slope(sr) - 1) < 0.02 and slope(nd) < 0.95, (slope(sr), slope(nd))
     assert corr(sr) > corr(nd) + 0.1, (corr(sr), corr(nd))
+
+
+def test_4bit_per_tensor_group_refused_when_added():
+    # a group asking for optim_bits=4 with block_wise=False was accepted and refused only at
+    # the first step
+    p, q = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100))
+    with pytest.raises(ValueError, match="param group 0: Invalid block_wise"):
+        lionkit.Lion([{"params": [p], "optim_bits": 4, "block_wise": False}], min_8bit_size=1)
+    opt = lionkit.Lion([p], min_8bit_size=1)
+    with pytest.raises(ValueError, match="param group 1: Invalid block_wise"):
+        opt.add_param_group({"params": [q], "optim_bits": 4, "block_wise": False})
+    assert len(opt.param_groups) == 1
+    # block_wise=False from the optimizer's defaults
+    per_tensor = lionkit.Lion8bit([p], min_8bit_size=1, block_wise=False)
+    with pytest.raises(ValueError, match="param group 1: Invalid block_wise"):
+        per_tensor.add_param_group({"params": [q], "optim_bits": 4})
+
+
+def test_4bit_override_on_per_tensor_optimizer_names_the_parameter():
+    p, q = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(300))
+    opt = lionkit.Lion8bit([p, q], min_8bit_size=1, block_wise=False)
+    lionkit.GlobalOptimManager.get_instance().override_config(q, "optim_bits", 4)  # conftest resets it
+    p.grad, q.grad = torch.randn(100), torch.randn(300)
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 \(shape \(300,\).*Invalid block_wise"):
+        opt.step()

@@ -181,6 +181,10 @@ class _LionBase(torch.optim.Optimizer):
                     plain[key] = config.checked(key, value)
             if any(plain[k] is not param_group[k] for k in plain):
                 param_group = {**param_group, **plain}
+            try:  # the group's own values with the defaults it will take (optim_bits=4 per tensor)
+                config.check_bits_layout({**self.defaults, **param_group})
+            except ValueError as e:
+                raise ValueError(f"param group {len(self.param_groups)}: {e}") from None
         super().add_param_group(param_group)
         self._lr_schedules.append(schedule)
         if schedule is not None:
@@ -231,11 +235,21 @@ class _LionBase(torch.optim.Optimizer):
         if bits == 32:
             return 32, None
         if bits == 4:
-            config.check_bits_layout(cfg)  # an override may have combined 4 bits with block_wise=False
+            try:  # an override may have combined 4 bits with block_wise=False
+                config.check_bits_layout(cfg)
+            except ValueError as e:
+                raise ValueError(f"{self._where(p)}: {e}") from None
             return 4, quant4.BLOCK_SIZE
         # a tensor of at most one block has the same layout either way: call it block-wise
         per_tensor = not cfg["block_wise"] and numel > quant.BLOCK_SIZE
         return 8, (None if per_tensor else quant.BLOCK_SIZE)
+
+    def _where(self, p: torch.Tensor) -> str:
+        """How an error names ``p`` (its place in the param groups, looked up)."""
+        for gi, g in enumerate(self.param_groups):
+            if any(q is p for q in g["params"]):
+                return _name_of(gi, g, p)
+        return f"a parameter of shape {tuple(p.shape)}"
 
     def _prepare_state(self, p: torch.Tensor, cfg: dict[str, Any]) -> dict[str, Any]:
         """Build the state of ``p`` lazily, or convert it when its configuration changed
@@ -244,12 +258,8 @@ class _LionBase(torch.optim.Optimizer):
         bits, block_size = self._wanted_format(cfg, p)
         if distributed.is_dtensor(p):  # an FSDP2 shard: local state, global blocks and sizes
             if bits == 4:
-                where = next(
-                    (_name_of(gi, g, p) for gi, g in enumerate(self.param_groups) if any(q is p for q in g["params"])),
-                    "a parameter",
-                )
                 raise ValueError(
-                    f"optim_bits=4 is not supported for DTensor (FSDP2) parameters ({where}); "
+                    f"optim_bits=4 is not supported for DTensor (FSDP2) parameters ({self._where(p)}); "
                     "use optim_bits=8 for sharded parameters"
                 )
             return distributed.prepare_state(self, p, cfg, bits == 8, block_size)

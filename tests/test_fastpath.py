@@ -175,6 +175,28 @@ def test_replaced_tensors_and_loaded_checkpoints(monkeypatch):
     assert pair.planned == 4  # steps 1, 5, 7 and 9
 
 
+@pytest.mark.parametrize("config", ["lion32", "lion8-block", "lion4"])
+@pytest.mark.parametrize("move", ["share_memory_", "set_"])
+def test_state_moved_in_place_takes_the_full_path(monkeypatch, config, move):
+    # share_memory_() (what handing a state dict to a checkpoint-writing process does) and set_()
+    # give a state tensor new memory under the same object; the plan checked the object only, and
+    # the compiled kernel wrote through the old address (freed memory: heap corruption)
+    pair = Pair(monkeypatch, config, "auto")
+    pair.step(0)
+    pair.step(1)
+
+    def moved(o, ps):
+        for st in o.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    v.share_memory_() if move == "share_memory_" else v.set_(v.clone())
+
+    pair.both(moved)
+    pair.step(2)
+    pair.step(3)
+    assert pair.planned == 2  # steps 1 and 3
+
+
 def test_overrides_and_new_groups(monkeypatch):
     pair = Pair(monkeypatch, "lion8-block", "auto")
     pair.step(0)

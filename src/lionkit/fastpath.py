@@ -11,7 +11,8 @@ per parameter, that nothing it relies on moved:
 * the same param groups, parameters (identity, data pointer, shape, dtype), settings other than ``lr``,
   and per-parameter overrides (``GlobalOptimManager`` version);
 * every state dict (the optimizer's state holds the same entries, compared by identity), and
-  the ``state1``/``absmax1`` tensors in it, the same objects;
+  the ``state1``/``absmax1`` tensors in it, the same objects with their data where it was
+  (``share_memory_()`` or ``set_()`` moves it in place);
 * every gradient present where it was, dense, contiguous, with the dtype, shape and device it had;
 * the backend the optimizer's ``backend`` setting resolves to.
 
@@ -68,6 +69,11 @@ class Plan:
         self.s1 = [st["state1"] for st in self.states]
         self.absmax = [st.get("absmax1") for st in self.states]
         self.qmaps = [st.get("qmap1") for st in self.states]
+        # where their data lives: a state tensor can move in place (share_memory_(), which
+        # handing a state dict to another process does; set_()), and the compiled kernel's
+        # tables hold these addresses
+        self.s1_ptrs = [t.data_ptr() for t in self.s1]
+        self.absmax_ptrs = [0 if t is None else t.data_ptr() for t in self.absmax]
         self.ptrs = [p.data_ptr() for p in self.params]
         self.shapes = [p.shape for p in self.params]
         self.pdtypes = [p.dtype for p in self.params]
@@ -96,6 +102,9 @@ class Plan:
         # keys (the compiled one; bf16 parameters for the weights) can replay them
         self.sr_seed = opt.sr_seed if any(self.sr_flags) else None
         self.four = np.array([isinstance(m, QuantizedState) and m.bits == 4 for m in self.moms], dtype=bool)
+        # the 4-bit map, read by the kernel through its address (an 8-bit map's tables are copies)
+        self.map4 = [q if four else None for q, four in zip(self.qmaps, self.four)]
+        self.map4_ptrs = [0 if q is None else q.data_ptr() for q in self.map4]
         self.m4_seed = (opt.sr_seed or 0) if self.four.any() else None
         self.usable = state_ok and (
             (self.sr_seed is None and self.m4_seed is None)
@@ -142,6 +151,7 @@ class Plan:
             self.params, self.states, self.s1, self.absmax, self.qmaps, self.ptrs, self.shapes, self.gdtypes,
             self.steps, self.pdtypes,
         )
+        s1_ptrs, absmax_ptrs, map4, map4_ptrs = self.s1_ptrs, self.absmax_ptrs, self.map4, self.map4_ptrs
         for plist, had_grad in zip(self.plists, self.had_grad):
             for p, had in zip(plist, had_grad):
                 g = p.grad
@@ -167,6 +177,9 @@ class Plan:
                     or st.get("absmax1") is not absmax[k]
                     or st.get("qmap1") is not qmaps[k]  # the kernel's tables came from this map
                     or st.get("step") != steps[k]
+                    or s1[k].data_ptr() != s1_ptrs[k]
+                    or (absmax[k] is not None and absmax[k].data_ptr() != absmax_ptrs[k])
+                    or (map4[k] is not None and map4[k].data_ptr() != map4_ptrs[k])
                 ):
                     return None
                 append(g)

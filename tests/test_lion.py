@@ -277,6 +277,56 @@ def test_callable_lr_update_k_uses_schedule_k_minus_1():
     assert seen[-3:] == [0, 1, 2]
 
 
+def test_param_groups_assigned_from_outside():
+    # Lightning's BaseFinetuning restores its groups with optimizer.param_groups = [...]: the
+    # per-group lr schedules were kept by index and every step then failed with IndexError
+    def build():
+        p, q, r = (torch.nn.Parameter(torch.full((300,), float(i))) for i in range(3))
+        opt = lionkit.Lion8bit([{"params": [p], "lr": lambda k: 0.1 * (k + 1)}, {"params": [q], "lr": 0.05}],
+                               min_8bit_size=1)
+        return opt, (p, q, r)
+
+    def step(opt, params, k):
+        for i, t in enumerate(params):
+            t.grad = torch.full_like(t, (-1.0) ** (i + k))
+        opt.step()
+
+    ref, rp = build()
+    ref.add_param_group({"params": [rp[2]], "lr": lambda k: 0.01})
+    opt, ps = build()
+    for k in range(2):
+        step(ref, rp, k)
+        step(opt, ps[:2], k)
+    ps[2].grad = None
+    new_group = {"params": [ps[2]], "lr": lambda k: 0.01, "betas": (0.9, 0.99), "weight_decay": 0.0}
+    new_group = {**opt.defaults, **new_group}
+    opt.param_groups = [opt.param_groups[1], opt.param_groups[0], new_group]  # reordered, and one new
+    for k in range(2, 5):
+        step(ref, rp, k)
+        step(opt, ps, k)
+        if k == 3:
+            opt.load_state_dict(opt.state_dict())
+    for a, b in zip(rp[:2], ps[:2]):
+        assert torch.equal(a, b)  # each group kept its schedule wherever it now stands
+    # the new group's callable lr became its schedule, started when the group arrived (k = 2)
+    assert opt.param_groups[2]["lr"] == pytest.approx(0.01)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5) and opt.param_groups[0]["lr"] == 0.05
+
+
+def test_warnings_point_at_the_callers_line():
+    # the step runs through wrappers of lionkit and torch: a fixed stacklevel pointed inside them
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = lionkit.Lion([p], lr=lambda k: 1e-3)
+    opt.param_groups[0]["lr"] = 5e-4  # set from outside: the schedule still decides, with a warning
+    p.grad = torch.ones(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        lionkit.PagedLion8bit([p])  # paging asked for on the CPU
+    assert len(caught) == 2
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
+
+
 def test_callable_lr_set_from_outside_warns_once_and_the_schedule_decides():
     p, q = torch.nn.Parameter(torch.zeros(5000)), torch.nn.Parameter(torch.zeros(5000))
     opt = lionkit.Lion8bit([{"params": [p], "lr": lambda k: 0.1}, {"params": [q], "lr": 0.1}])

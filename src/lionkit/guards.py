@@ -75,6 +75,21 @@ def _refuse_param(p: torch.Tensor, name: str) -> None:
         )
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller point at the user's code:
+    the first frame outside lionkit and torch (the step goes through wrappers of both, so a
+    fixed count would point inside them)."""
+    import os
+
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def mark_modified(params: Sequence[torch.Tensor]) -> None:
     """Bump the autograd version counter of parameters a kernel wrote through their pointers
     (the compiled CPU kernel, Triton), as an in-place torch op would: a graph that saved one of

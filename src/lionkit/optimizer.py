@@ -115,6 +115,7 @@ class _LionBase(torch.optim.Optimizer):
 
         self._default_schedule: Optional[Callable[[int], float]] = lr if callable(lr) else None
         self._lr_schedules: list[Optional[Callable[[int], float]]] = []
+        self._sched_owners: list[dict[str, Any]] = []  # the group each schedule belongs to (same order)
         # per scheduled group: the lr lionkit last wrote into it, to notice a value set from
         # outside (by hand, or by a torch lr_scheduler), which the schedule overrides
         self._sched_lr: dict[int, Any] = {}
@@ -128,7 +129,7 @@ class _LionBase(torch.optim.Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self.sr_seed = sr_seed  # with the step count and the parameter's place: every SR draw
         if stochastic_rounding and sr_seed is None:
-            self._draw_sr_seed(stacklevel=4)
+            self._draw_sr_seed()
         self.skipped_steps = 0  # steps skipped under nonfinite="skip" (not saved in checkpoints)
         self._plan: Optional[fastpath.Plan] = None  # the cached step plan (fastpath.py)
         self.torn: Optional[str] = None  # why the last step stopped part-way; None when consistent
@@ -162,6 +163,7 @@ class _LionBase(torch.optim.Optimizer):
         return lr.item() if isinstance(lr, torch.Tensor) else float(lr)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._sync_schedules()
         if isinstance(param_group, dict) and callable(param_group.get("lr")):
             schedule = param_group["lr"]
             param_group = {**param_group, "lr": self._lr_value(schedule, 0)}
@@ -187,8 +189,39 @@ class _LionBase(torch.optim.Optimizer):
                 raise ValueError(f"param group {len(self.param_groups)}: {e}") from None
         super().add_param_group(param_group)
         self._lr_schedules.append(schedule)
+        self._sched_owners.append(self.param_groups[-1])
         if schedule is not None:
             self._sched_lr[len(self.param_groups) - 1] = self.param_groups[-1]["lr"]
+
+    def _sync_schedules(self) -> None:
+        """Keep each lr schedule with its group when ``param_groups`` was replaced from outside
+        (Lightning's ``BaseFinetuning`` restores its groups by assigning the list): a group
+        keeps its schedule wherever it now stands; a group never seen has none, unless its lr
+        is a callable, which becomes its schedule as in ``add_param_group``."""
+        groups = self.param_groups
+        owners = self.__dict__.get("_sched_owners")
+        if owners is None:  # pickled by an older lionkit: the schedules were in the groups' order
+            owners = self._sched_owners = list(groups[: len(self._lr_schedules)])
+        if len(owners) == len(groups) and all(a is b for a, b in zip(owners, groups)):
+            return
+        known = {id(g): (g, sched, self._sched_lr.get(i)) for i, (g, sched) in enumerate(zip(owners, self._lr_schedules))}
+        schedules: list[Optional[Callable[[int], float]]] = []
+        sched_lr: dict[int, Any] = {}
+        for gi, group in enumerate(groups):
+            hit = known.get(id(group))
+            if hit is not None and hit[0] is group:
+                schedule = hit[1]
+                if schedule is not None:
+                    sched_lr[gi] = hit[2] if hit[2] is not None else group["lr"]
+            elif isinstance(group, dict) and callable(group.get("lr")):
+                schedule = group["lr"]
+                group["lr"] = sched_lr[gi] = self._lr_value(schedule, 0)
+            else:
+                schedule = None
+            schedules.append(schedule)
+        self._lr_schedules, self._sched_lr, self._sched_owners = schedules, sched_lr, list(groups)
+        self.__dict__.pop("_sched_warned", None)  # it counted groups by their old places
+        self._plan = None
 
     def _config(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
         """The group's settings with the global manager's overrides for ``p`` applied."""
@@ -304,7 +337,7 @@ class _LionBase(torch.optim.Optimizer):
         codes.copy_(q.codes)
         state["state1"], state["absmax1"], state["qmap1"] = codes, q.absmax, qmap
 
-    def _draw_sr_seed(self, stacklevel: int) -> None:
+    def _draw_sr_seed(self) -> None:
         """``sr_seed`` for stochastic rounding asked for without one: drawn from torch's default
         generator, so torch.manual_seed(...) fixes the run."""
         self.sr_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -313,7 +346,7 @@ class _LionBase(torch.optim.Optimizer):
                 "lionkit: stochastic_rounding=True with sr_seed=None under torch.distributed: each rank draws "
                 "its seed from its own torch generator, so DDP replicas round differently (and drift apart) "
                 "unless every rank's generator is seeded alike. Pass the same sr_seed on every rank",
-                stacklevel=stacklevel,
+                stacklevel=guards.user_stacklevel(),
             )
 
     # ------------------------------------------------------------------ step
@@ -327,7 +360,7 @@ class _LionBase(torch.optim.Optimizer):
         except ValueError as e:
             raise ValueError(f"optimizer setting: {e}") from None
         if self.stochastic_rounding and self.sr_seed is None:  # switched on, or the seed cleared, since
-            self._draw_sr_seed(stacklevel=5)
+            self._draw_sr_seed()
         for gi, group in enumerate(self.param_groups):
             for key in (*config.GROUP_KEYS, *config.STATE_KEYS):
                 # settings may have been changed by hand or by a scheduler since the last step
@@ -390,6 +423,7 @@ class _LionBase(torch.optim.Optimizer):
                 loss = closure()
         if self.torn is not None:
             raise RuntimeError(_torn_message(self.torn))
+        self._sync_schedules()
         if self._sched_lr:
             self._warn_if_schedule_overridden()
         plan, self._plan = self._plan, None
@@ -412,7 +446,7 @@ class _LionBase(torch.optim.Optimizer):
                     f"lionkit: param group {gi} has an lr schedule (a callable lr), which decides every step's "
                     f"lr; its 'lr' was set to {lr!r} from outside (by hand or by a torch.optim.lr_scheduler) and "
                     "is overridden. Use one or the other: a float lr with a torch scheduler, or the callable alone",
-                    stacklevel=3,
+                    stacklevel=guards.user_stacklevel(),
                 )
 
     def _exact_sq_norm(self, plans: list) -> Callable[[int], float]:
@@ -668,6 +702,7 @@ class _LionBase(torch.optim.Optimizer):
         ``__bnb_optimizer_quant_state__`` layout). 8-bit state loaded into a 32-bit optimizer
         (or the reverse) is converted. Nothing changes unless the whole dict is valid."""
         state_dict = state_dict.copy()  # hooks may edit it: the caller's dict stays as it is (as torch)
+        self._sync_schedules()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:

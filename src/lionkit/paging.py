@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from . import guards
+
 PAGED_MIN_NUMEL = 100_000  # smaller tensors (and absmax, the map) stay in ordinary device memory
 
 
@@ -112,5 +114,5 @@ def warn_if_unpageable(params) -> None:
             "is_paged=True: paged state needs CUDA unified memory; parameters that are not on a "
             "CUDA device keep their optimizer state in ordinary memory.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=guards.user_stacklevel(),
         )

@@ -313,6 +313,33 @@ def test_param_groups_assigned_from_outside():
     assert opt.param_groups[1]["lr"] == pytest.approx(0.5) and opt.param_groups[0]["lr"] == 0.05
 
 
+def test_named_parameters_are_taken_as_torch_optimizers_take_them():
+    from lionkit import interop
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2))
+
+    a, b = model(), model()
+    oa = lionkit.Lion8bit(a.named_parameters(), lr=1e-3, min_8bit_size=1)
+    ob = lionkit.Lion8bit(b.parameters(), lr=1e-3, min_8bit_size=1)
+    assert oa.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    for _ in range(2):
+        for m, o in ((a, oa), (b, ob)):
+            m(torch.ones(3, 64)).square().sum().backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    sd = oa.state_dict()
+    assert sd["param_groups"][0]["param_names"] == oa.param_groups[0]["param_names"]
+    ob.load_state_dict(sd)  # into an optimizer of plain parameters too
+    assert [s.name for s in interop.from_torch(oa)] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    # named groups, and a mix refused
+    lionkit.Lion([{"params": list(a[0].named_parameters())}, {"params": list(a[1].named_parameters()), "lr": 0.1}])
+    with pytest.raises(ValueError, match="param group 0: give every parameter as a tensor or every one"):
+        lionkit.Lion([("w", a[0].weight), a[0].bias])
+
+
 def test_warnings_point_at_the_callers_line():
     # the step runs through wrappers of lionkit and torch: a fixed stacklevel pointed inside them
     p = torch.nn.Parameter(torch.zeros(4))

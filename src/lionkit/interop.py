@@ -14,8 +14,8 @@ and step count; PyTorch's ``percentile_clipping`` norm history is not part of th
 Every exported state carries the parameter's name where the framework has one: its tree path
 in JAX (``"layers.0.weight"``: dict keys, sequence indices and attribute names joined with
 dots), its ``tree_flatten`` key in MLX (the same spelling), and in PyTorch the names given to
-``from_torch(..., names=...)`` (or the ``param_names`` a state dict's groups carry: torch
-optimizers built from ``named_parameters()`` keep them; lionkit's take parameters only).
+``from_torch(..., names=...)`` (or the ``param_names`` a state dict's groups carry: optimizers
+built from ``named_parameters()`` keep them, lionkit's and torch's >= 2.6).
 When both the states and the target name every parameter, loading matches them by name and
 refuses (ValueError listing the names) when the two sets differ; otherwise, or with
 ``by_name=False``, parameters are matched by position: the order of ``optimizer.param_groups``
@@ -388,8 +388,8 @@ def from_torch(optimizer_or_state_dict: Any, names: Optional[Sequence[str]] = No
     Accepts the optimizer or its ``state_dict()`` (plain or bitsandbytes' nested layout).
     ``names`` (one per parameter, in ``param_groups`` order, e.g. ``[n for n, _ in
     model.named_parameters()]``) names the states, so that ``to_jax``/``to_mlx`` match them by
-    name; without it the names a state dict's groups carry (``param_names``, kept by torch
-    optimizers built from ``named_parameters()``; lionkit's take parameters only) are used
+    name; without it the names a state dict's groups carry (``param_names``, kept by
+    optimizers built from ``named_parameters()``, lionkit's included) are used
     when present. A parameter that has no state yet (never stepped) raises
     ValueError: it has no shape in a state dict; step the optimizer once or leave such
     parameters out."""

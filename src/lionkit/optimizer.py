@@ -172,7 +172,17 @@ class _LionBase(torch.optim.Optimizer):
         else:
             schedule = None
         if isinstance(param_group, dict) and "params" in param_group:
-            param_group = {**param_group, "params": guards.param_list(param_group["params"])}
+            params = guards.param_list(param_group["params"])
+            param_group = {**param_group, "params": params}
+            named = [isinstance(x, tuple) for x in params]
+            if any(named):  # model.named_parameters(): (name, tensor) pairs, as torch >= 2.6 takes them
+                if not all(named) or not all(len(x) == 2 and isinstance(x[0], str) for x in params):
+                    raise ValueError(
+                        f"param group {len(self.param_groups)}: give every parameter as a tensor or every one as a "
+                        "(name, tensor) pair (model.named_parameters()), not a mix"
+                    )
+                param_group["param_names"] = [name for name, _ in params]
+                param_group["params"] = params = [t for _, t in params]
             # kept between calls: adding one group per parameter stays linear
             index = self.__dict__.setdefault("_group_index", {})
             guards.check_new_group(self.param_groups, param_group["params"], index)

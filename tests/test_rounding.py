@@ -378,3 +378,14 @@ def test_derive_keys32_equals_the_scalar_derivation():
         assert rounding.derive_keys32(seed, steps, idx).tolist() == want
         four = [rounding.derive_seed(seed, int(s), int(i), 4) for s, i in zip(steps, idx)]
         assert rounding.derive_seeds(seed, steps, idx, 4).tolist() == four
+
+
+def test_keyed_rounding_checks_its_arguments_like_the_unkeyed_one():
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        rounding.stochastic_round_keyed(torch.arange(4), torch.bfloat16, 1)  # was rounded silently
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        rounding.stochastic_round_keyed([1.0, 2.0], torch.bfloat16, 1)
+    with pytest.raises(TypeError, match="key must be an int"):
+        rounding.stochastic_round_keyed(torch.ones(4), torch.bfloat16, None)
+    out = rounding.stochastic_round_keyed(torch.ones(4), torch.bfloat16, np.uint32(7))  # numpy ints are ints
+    assert out.dtype == torch.bfloat16

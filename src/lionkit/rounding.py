@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -76,6 +77,10 @@ def stochastic_round_keyed(x: torch.Tensor, dtype: torch.dtype, key: int, start:
     element ``i`` of the flattened ``x`` is element ``start + i`` of its tensor. For bf16 the
     noise is the hash's top 16 bits, for fp16 the uniform its top 24 bits. Same rounding rule,
     NaN/inf handling and arguments otherwise."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"stochastic_round_keyed: x must be a floating-point tensor, got {_describe(x)}")
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        raise TypeError(f"stochastic_round_keyed: key must be an int, got {key!r}")
     if dtype == torch.float32 or x.dtype == dtype:
         return x.to(dtype)
     if dtype not in LOW_PRECISION:
@@ -167,8 +172,10 @@ def counter_hash(key: int, start: int, count: int, device: torch.device | str = 
 def sr_hash(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The random numbers of stochastic rounding: 32-bit integers (int64 tensor) for elements
     ``start .. start + count - 1`` of a tensor, ``h(i ^ key)`` with the two-round hash (the bits
-    of ``i`` above 32 folded in through a second ``h``). Within one key the inputs are distinct,
-    so are the outputs (the hash is a bijection); every backend computes the same numbers."""
+    of ``i`` above 32 folded in through a second ``h``). Within one key, the elements below
+    2**32 get distinct numbers (the hash is a bijection of 32 bits); past 2**32 elements a
+    32-bit number must repeat, and element ``2**32 + j`` gets that of element
+    ``j ^ h(1)``. Every backend computes the same numbers."""
     idx = torch.arange(start, start + count, dtype=torch.int64, device=device)
     x = (idx & _M32) ^ (key & _M32)
     if start + count > (1 << 32):  # h(0) == 0: indices below 2**32 need no fold

@@ -278,8 +278,9 @@ def test_callable_lr_update_k_uses_schedule_k_minus_1():
 
 
 def test_param_groups_assigned_from_outside():
-    # Lightning's BaseFinetuning restores its groups with optimizer.param_groups = [...]: the
-    # per-group lr schedules were kept by index and every step then failed with IndexError
+    # Lightning's BaseFinetuning restores its groups with optimizer.param_groups = [...] of new
+    # dicts: the per-group lr schedules were kept by index, and every step then failed with
+    # IndexError (or, matched by dict identity, the schedules were dropped)
     def build():
         p, q, r = (torch.nn.Parameter(torch.full((300,), float(i))) for i in range(3))
         opt = lionkit.Lion8bit([{"params": [p], "lr": lambda k: 0.1 * (k + 1)}, {"params": [q], "lr": 0.05}],
@@ -300,7 +301,8 @@ def test_param_groups_assigned_from_outside():
     ps[2].grad = None
     new_group = {"params": [ps[2]], "lr": lambda k: 0.01, "betas": (0.9, 0.99), "weight_decay": 0.0}
     new_group = {**opt.defaults, **new_group}
-    opt.param_groups = [opt.param_groups[1], opt.param_groups[0], new_group]  # reordered, and one new
+    # reordered, as new dicts (as Lightning rebuilds them), and one group more
+    opt.param_groups = [dict(opt.param_groups[1]), dict(opt.param_groups[0]), new_group]
     for k in range(2, 5):
         step(ref, rp, k)
         step(opt, ps, k)

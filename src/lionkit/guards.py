@@ -81,7 +81,8 @@ def user_stacklevel() -> int:
     fixed count would point inside them)."""
     import os
 
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    # the packages' folders with a trailing separator: "torch/" is not "torchvision/"
+    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
     frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):

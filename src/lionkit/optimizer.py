@@ -7,6 +7,7 @@ The public classes in ``lion.py`` only fix defaults (``optim_bits``, ``is_paged`
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Union
@@ -205,29 +206,35 @@ class _LionBase(torch.optim.Optimizer):
 
     def _sync_schedules(self) -> None:
         """Keep each lr schedule with its group when ``param_groups`` was replaced from outside
-        (Lightning's ``BaseFinetuning`` restores its groups by assigning the list): a group
-        keeps its schedule wherever it now stands; a group never seen has none, unless its lr
-        is a callable, which becomes its schedule as in ``add_param_group``."""
+        (Lightning's ``BaseFinetuning`` restores its groups by assigning a list of new dicts):
+        a group keeps its schedule wherever it now stands, recognised as the same dict or by
+        the same parameters; a group never seen has none, unless its lr is a callable, which
+        becomes its schedule as in ``add_param_group``."""
         groups = self.param_groups
         owners = self.__dict__.get("_sched_owners")
         if owners is None:  # pickled by an older lionkit: the schedules were in the groups' order
             owners = self._sched_owners = list(groups[: len(self._lr_schedules)])
-        if len(owners) == len(groups) and all(a is b for a, b in zip(owners, groups)):
+        if len(owners) == len(groups) and all(map(operator.is_, owners, groups)):
             return
-        known = {id(g): (g, sched, self._sched_lr.get(i)) for i, (g, sched) in enumerate(zip(owners, self._lr_schedules))}
+        old = list(zip(owners, self._lr_schedules, (self._sched_lr.get(i) for i in range(len(owners)))))
+        by_dict = {id(g): (g, sched, written) for g, sched, written in old}
+        # the old dicts keep their parameters alive, so these ids are not reused meanwhile
+        by_params = {tuple(map(id, g["params"])): (sched, written) for g, sched, written in old}
         schedules: list[Optional[Callable[[int], float]]] = []
         sched_lr: dict[int, Any] = {}
         for gi, group in enumerate(groups):
-            hit = known.get(id(group))
+            hit = by_dict.get(id(group))
             if hit is not None and hit[0] is group:
-                schedule = hit[1]
-                if schedule is not None:
-                    sched_lr[gi] = hit[2] if hit[2] is not None else group["lr"]
+                schedule, written = hit[1], hit[2]
             elif isinstance(group, dict) and callable(group.get("lr")):
                 schedule = group["lr"]
-                group["lr"] = sched_lr[gi] = self._lr_value(schedule, 0)
+                group["lr"] = written = self._lr_value(schedule, 0)
+            elif isinstance(group, dict) and isinstance(group.get("params"), (list, tuple)):
+                schedule, written = by_params.get(tuple(map(id, group["params"])), (None, None))
             else:
-                schedule = None
+                schedule, written = None, None
+            if schedule is not None:
+                sched_lr[gi] = written if written is not None else group["lr"]
             schedules.append(schedule)
         self._lr_schedules, self._sched_lr, self._sched_owners = schedules, sched_lr, list(groups)
         self.__dict__.pop("_sched_warned", None)  # it counted groups by their old places

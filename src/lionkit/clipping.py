@@ -34,18 +34,19 @@ def percentile_scale(
     a checkpoint without a ring is loaded; a ring of zeros would clip every gradient to 0);
     clip = sqrt(sorted(ring)[percentile]); scale = clip/current if current > clip else 1.
 
-    A ring that holds only zeros (its first step had an all-zero gradient, e.g. the step with
+    At step 2, a ring that holds only zeros (step 1 had an all-zero gradient: the step with
     zero gradients and lr 0 that ``torch.distributed.checkpoint``'s ``get_state_dict`` takes
-    to create the state) carries no history: it is filled as at step 1, where bitsandbytes
-    would clip every gradient to 0 until 100 - percentile real norms had come in.
+    to create the state, before any real one) is filled as at step 1: bitsandbytes would clip
+    every gradient to 0 until 100 - percentile real norms had come in. Later rings of zeros
+    (a long run of zero gradients) are kept, as bitsandbytes keeps them.
     """
     ring = gnorm_vec.clone()
     if step == 1 or fresh:
         ring.fill_(sq_norm)
     else:
         ring[step % GNORM_HISTORY] = sq_norm
-        # no host sync: the "all zeros" test stays on the ring's device
-        ring = torch.where((gnorm_vec == 0).all(), sq_norm.to(ring.dtype).expand_as(ring), ring)
+        if step == 2:  # no host sync: the "all zeros" test stays on the ring's device
+            ring = torch.where((gnorm_vec == 0).all(), sq_norm.to(ring.dtype).expand_as(ring), ring)
     current = ring[step % GNORM_HISTORY].sqrt()
     # percentile == 100 would index past the ring; it means "off" and never reaches here
     clip = ring.sort().values[percentile].sqrt()

@@ -311,14 +311,22 @@ def test_bad_arguments(kwargs, match):
         lion(**kwargs)
 
 
-def test_infinite_clip_thresholds_mean_no_clipping():
+@pytest.mark.parametrize("inf", [float("inf"), np.float32(np.inf), jnp.array(jnp.inf)], ids=["python", "numpy", "jax"])
+def test_infinite_clip_thresholds_mean_no_clipping(inf):
+    # optax's clip_by_global_norm(inf) turned a norm that overflowed fp32 into NaN updates
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     grads = {"w": jnp.array([1e30, -5.0, 0.5])}
     plain = lion(1e-2)
-    clipped = lion(1e-2, grad_clip_norm=float("inf"), grad_clip_value=float("inf"))
+    clipped = lion(1e-2, grad_clip_norm=inf, grad_clip_value=inf)
     u0, _ = plain.update(grads, plain.init(params), params)
-    u1, _ = clipped.update(grads, clipped.init(params), params)
+    u1, _ = jax.jit(clipped.update)(grads, clipped.init(params), params)
     assert np.array_equal(np.asarray(u0["w"]), np.asarray(u1["w"]))
+    # the same state structure as with a finite threshold (a state carries over), and traced
+    finite = lion(1e-2, grad_clip_norm=1.0, grad_clip_value=1.0)
+    assert jax.tree.structure(finite.init(params)) == jax.tree.structure(clipped.init(params))
+    injected = optax.inject_hyperparams(lion)(learning_rate=1e-2, grad_clip_norm=inf)
+    u2, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    assert np.array_equal(np.asarray(u0["w"]), np.asarray(u2["w"]))
 
 
 def test_add_decayed_weights_checks_its_argument():

@@ -75,13 +75,19 @@ def _check_scalar(name: str, value: Any, *, positive: bool, allow_schedule: bool
         raise TypeError(f"Invalid {name}: {value!r} (must be a number{' or a schedule' if allow_schedule else ''})") from None
 
 
-def clips(threshold: Any) -> bool:
-    """Whether a clipping threshold asks for a clipping stage: not for None, nor for a constant
-    +inf (no clipping, as in ``lionkit.Lion``; optax's global-norm clip would turn an overflowed
-    norm into NaN updates: g / inf * inf)."""
-    if threshold is None:
-        return False
-    return callable(threshold) or isinstance(threshold, jax.Array) or float(threshold) != math.inf
+def clip_by_global_norm(max_norm: Any) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm``, with ``max_norm = inf`` meaning no clipping (as in
+    ``lionkit.Lion``): optax's own turns a norm that overflowed to inf into NaN updates
+    (g / inf * inf). The same stage for every value, so the optimizer state's structure does
+    not depend on it (and ``optax.inject_hyperparams`` can pass it as an array)."""
+    inner = optax.clip_by_global_norm(max_norm)
+
+    def update_fn(updates, state, params=None):
+        clipped, state = inner.update(updates, state, params)
+        off = jnp.isinf(jnp.asarray(max_norm))
+        return jax.tree.map(lambda c, u: jnp.where(off, u, c), clipped, updates), state
+
+    return optax.GradientTransformation(inner.init, update_fn)
 
 
 def _is_constant_zero(value: Any) -> bool:
@@ -173,9 +179,9 @@ def lion(
         _check_scalar("grad_clip_value", grad_clip_value, positive=True, allow_schedule=False)
 
     parts = [promote_to_float32()]
-    if clips(grad_clip_norm):
-        parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    if clips(grad_clip_value):
+    if grad_clip_norm is not None:
+        parts.append(clip_by_global_norm(grad_clip_norm))
+    if grad_clip_value is not None:  # optax.clip(inf) is the identity
         parts.append(optax.clip(grad_clip_value))
     parts.append(
         scale_by_lion(b1, b2, state_bits, block_size, mu_dtype, min_8bit_size=min_8bit_size)

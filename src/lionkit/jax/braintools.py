@@ -20,7 +20,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without the extra
     ) from _e
 
 from .. import interop
-from .alias import _check_scalar, add_decayed_weights, clips, promote_to_float32
+from .alias import _check_scalar, add_decayed_weights, clip_by_global_norm, promote_to_float32
 from .transform import _check_beta, check_quant_args, scale_by_lion
 
 
@@ -98,9 +98,9 @@ class Lion(OptaxOptimizer):
     def default_tx(self) -> optax.GradientTransformation:
         """braintools' Lion chain around lionkit's ``scale_by_lion``."""
         parts = [promote_to_float32()]
-        if clips(self.grad_clip_norm):
-            parts.append(optax.clip_by_global_norm(self.grad_clip_norm))
-        if clips(self.grad_clip_value):
+        if self.grad_clip_norm is not None:
+            parts.append(clip_by_global_norm(self.grad_clip_norm))
+        if self.grad_clip_value is not None:
             parts.append(optax.clip(self.grad_clip_value))
         parts.append(
             scale_by_lion(self.betas[0], self.betas[1], self.state_bits, self.block_size, min_8bit_size=self.min_8bit_size)

@@ -18,13 +18,14 @@ except ImportError as _e:  # pragma: no cover - exercised only without the extra
         f"lionkit.jax needs jax and optax ({_e}); install them with: pip install 'lionkit[jax]'"
     ) from _e
 
-from .alias import add_decayed_weights, lion, promote_to_float32
+from .alias import add_decayed_weights, clip_by_global_norm, lion, promote_to_float32
 from .transform import ScaleByLion8bitState, ScaleByLionState, scale_by_lion
 
 __all__ = [
     "lion",
     "scale_by_lion",
     "add_decayed_weights",
+    "clip_by_global_norm",
     "promote_to_float32",
     "ScaleByLionState",
     "ScaleByLion8bitState",

@@ -1,9 +1,8 @@
 """``lion``: the ready-made optax optimizer (clipping -> Lion direction -> decoupled weight
-decay -> learning rate), in braintools' order, plus the two small stages it needs."""
+decay -> learning rate), in braintools' order, plus the small stages it needs."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -11,7 +10,14 @@ import jax.numpy as jnp
 import optax
 
 from .. import interop
-from .transform import _check_beta, _increment, _math_dtype, check_quant_args, check_real, scale_by_lion
+from .transform import (
+    _check_beta,
+    _increment,
+    _math_dtype,
+    check_quant_args,
+    check_real,
+    scale_by_lion,
+)
 
 ScalarOrSchedule = Union[float, Callable[[Any], Any]]
 

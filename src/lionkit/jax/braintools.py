@@ -20,7 +20,12 @@ except ImportError as _e:  # pragma: no cover - exercised only without the extra
     ) from _e
 
 from .. import interop
-from .alias import _check_scalar, add_decayed_weights, clip_by_global_norm, promote_to_float32
+from .alias import (
+    _check_scalar,
+    add_decayed_weights,
+    clip_by_global_norm,
+    promote_to_float32,
+)
 from .transform import _check_beta, check_quant_args, scale_by_lion
 
 

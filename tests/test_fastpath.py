@@ -197,6 +197,23 @@ def test_state_moved_in_place_takes_the_full_path(monkeypatch, config, move):
     assert pair.planned == 2  # steps 1 and 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_set_to_another_size_is_refused_cleanly(backend):
+    # set_() to a tensor of another size: the full path's check refuses it, naming the parameter,
+    # and nothing is written (a planned eager step failed mid-way and left the optimizer torn)
+    p = torch.nn.Parameter(torch.randn(512))
+    opt = lionkit.Lion8bit([p], lr=1e-2, min_8bit_size=1, backend=backend)
+    for _ in range(2):
+        p.grad = torch.randn(512)
+        opt.step()
+    opt.state[p]["state1"].set_(torch.zeros(100, dtype=torch.uint8))
+    before = p.detach().clone()
+    p.grad = torch.randn(512)
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*has shape \(100,\)"):
+        opt.step()
+    assert opt.torn is None and torch.equal(p.detach(), before)
+
+
 def test_overrides_and_new_groups(monkeypatch):
     pair = Pair(monkeypatch, "lion8-block", "auto")
     pair.step(0)

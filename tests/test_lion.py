@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import math
 import warnings
 
@@ -340,6 +341,34 @@ def test_named_parameters_are_taken_as_torch_optimizers_take_them():
     lionkit.Lion([{"params": list(a[0].named_parameters())}, {"params": list(a[1].named_parameters()), "lr": 0.1}])
     with pytest.raises(ValueError, match="param group 0: give every parameter as a tensor or every one"):
         lionkit.Lion([("w", a[0].weight), a[0].bias])
+
+
+def test_param_groups_assigned_with_empty_groups_and_warned_groups():
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    opt = lionkit.Lion([{"params": [a], "lr": lambda k: 0.1}, {"params": [], "lr": 0.5}, {"params": [b], "lr": 0.2}])
+    opt.add_param_group({"params": [], "lr": lambda k: 0.3})
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    opt.param_groups[0]["lr"] = 1.0  # set by hand: warned once
+    with pytest.warns(UserWarning, match="param group 0 has an lr schedule"):
+        opt.step()
+    # new dicts, in another order: empty groups cannot be told apart and get no schedule (none
+    # gains one it never had); the warned group is not warned again
+    opt.param_groups = [dict(g) for g in reversed(opt.param_groups)]
+    opt.param_groups[3]["lr"] = 2.0  # by hand again, on the group warned about before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert [s is not None for s in opt._lr_schedules] == [False, False, False, True]
+    assert opt.param_groups[3]["lr"] == pytest.approx(0.1) and opt.param_groups[1]["lr"] == 0.2
+    assert opt.param_groups[2]["lr"] == 0.5
+    # a group assigned with a callable lr, saved before any step: the function becomes its
+    # schedule, and the state dict holds numbers only
+    c = torch.nn.Parameter(torch.zeros(4))
+    opt.param_groups = opt.param_groups + [{**opt.defaults, "params": [c], "lr": lambda k: 0.7}]
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["param_groups"][4]["lr"] == pytest.approx(0.7)
 
 
 def test_warnings_point_at_the_callers_line():

@@ -152,7 +152,6 @@ class Plan:
             self.steps, self.pdtypes,
         )
         s1_ptrs, absmax_ptrs, map4, map4_ptrs = self.s1_ptrs, self.absmax_ptrs, self.map4, self.map4_ptrs
-        watch = self.prepared is not None
         for plist, had_grad in zip(self.plists, self.had_grad):
             for p, had in zip(plist, had_grad):
                 g = p.grad
@@ -178,14 +177,11 @@ class Plan:
                     or st.get("absmax1") is not absmax[k]
                     or st.get("qmap1") is not qmaps[k]  # the kernel's tables came from this map
                     or st.get("step") != steps[k]
-                    or (
-                        watch  # only the compiled kernel holds their addresses; torch ops follow a move
-                        and (
-                            s1[k].data_ptr() != s1_ptrs[k]
-                            or (absmax[k] is not None and absmax[k].data_ptr() != absmax_ptrs[k])
-                            or (map4[k] is not None and map4[k].data_ptr() != map4_ptrs[k])
-                        )
-                    )
+                    # moved memory: the compiled kernel holds these addresses, and a set_() to
+                    # another size must meet the full path's checks (torch ops would fail mid-step)
+                    or s1[k].data_ptr() != s1_ptrs[k]
+                    or (absmax[k] is not None and absmax[k].data_ptr() != absmax_ptrs[k])
+                    or (map4[k] is not None and map4[k].data_ptr() != map4_ptrs[k])
                 ):
                     return None
                 append(g)

@@ -216,28 +216,34 @@ class _LionBase(torch.optim.Optimizer):
             owners = self._sched_owners = list(groups[: len(self._lr_schedules)])
         if len(owners) == len(groups) and all(map(operator.is_, owners, groups)):
             return
-        old = list(zip(owners, self._lr_schedules, (self._sched_lr.get(i) for i in range(len(owners)))))
-        by_dict = {id(g): (g, sched, written) for g, sched, written in old}
-        # the old dicts keep their parameters alive, so these ids are not reused meanwhile
-        by_params = {tuple(map(id, g["params"])): (sched, written) for g, sched, written in old}
+        by_dict = {id(g): (g, i) for i, g in enumerate(owners)}
+        # the old dicts keep their parameters alive, so these ids are not reused meanwhile; a
+        # group without parameters has no key (several would share the empty one)
+        by_params = {tuple(map(id, g["params"])): i for i, g in enumerate(owners) if g.get("params")}
+        warned = self.__dict__.get("_sched_warned", set())
         schedules: list[Optional[Callable[[int], float]]] = []
         sched_lr: dict[int, Any] = {}
+        now_warned: set[int] = set()
         for gi, group in enumerate(groups):
             hit = by_dict.get(id(group))
-            if hit is not None and hit[0] is group:
-                schedule, written = hit[1], hit[2]
-            elif isinstance(group, dict) and callable(group.get("lr")):
+            old = hit[1] if hit is not None and hit[0] is group else None
+            if old is None and isinstance(group, dict) and callable(group.get("lr")):
                 schedule = group["lr"]
-                group["lr"] = written = self._lr_value(schedule, 0)
-            elif isinstance(group, dict) and isinstance(group.get("params"), (list, tuple)):
-                schedule, written = by_params.get(tuple(map(id, group["params"])), (None, None))
-            else:
-                schedule, written = None, None
+                group["lr"] = sched_lr[gi] = self._lr_value(schedule, 0)
+                schedules.append(schedule)
+                continue
+            if old is None and isinstance(group, dict) and isinstance(group.get("params"), (list, tuple)) and group["params"]:
+                old = by_params.get(tuple(map(id, group["params"])))
+            schedule = self._lr_schedules[old] if old is not None and old < len(self._lr_schedules) else None
             if schedule is not None:
+                written = self._sched_lr.get(old)
                 sched_lr[gi] = written if written is not None else group["lr"]
+                if old in warned:
+                    now_warned.add(gi)
             schedules.append(schedule)
         self._lr_schedules, self._sched_lr, self._sched_owners = schedules, sched_lr, list(groups)
-        self.__dict__.pop("_sched_warned", None)  # it counted groups by their old places
+        self._sched_warned = now_warned  # warned once per group, wherever it now stands
+        self.__dict__.pop("_group_index", None)  # add_param_group's duplicate check: rebuilt on use
         self._plan = None
 
     def _config(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
@@ -805,6 +811,8 @@ def _plain_groups(optimizer: _LionBase, state_dict: dict[str, Any]) -> None:
 
 
 def _refuse_if_torn(optimizer: _LionBase) -> None:
-    """state_dict pre-hook: never save a torn state without the user's say-so."""
+    """state_dict pre-hook: never save a torn state without the user's say-so; and a group
+    assigned with a callable lr has it taken as its schedule (a function cannot be saved)."""
     if getattr(optimizer, "torn", None) is not None:
         raise RuntimeError(_torn_message(optimizer.torn))
+    optimizer._sync_schedules()

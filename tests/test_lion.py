@@ -371,6 +371,45 @@ def test_param_groups_assigned_with_empty_groups_and_warned_groups():
     assert torch.load(buf, weights_only=True)["param_groups"][4]["lr"] == pytest.approx(0.7)
 
 
+def test_callable_lr_set_into_a_group_by_hand_becomes_its_schedule():
+    # it was called with step 0 at every step (lr stuck at schedule(0)), and state_dict then
+    # held the function
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = lionkit.Lion([p], lr=1e-2)
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.param_groups[0]["lr"] = lambda k: 0.01 / 2 ** k
+    moves = []
+    for _ in range(3):
+        before = p.detach().clone()
+        opt.step()
+        moves.append(round((before - p.detach())[0].item(), 8))
+    assert moves == [0.005, 0.0025, 0.00125]  # update k uses schedule(k - 1): k = 2, 3, 4
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["param_groups"][0]["lr"] == pytest.approx(0.00125)
+
+
+@pytest.mark.parametrize(
+    "group, error, match",
+    [
+        ({"lr": 0.1}, ValueError, "param group 0 has no 'params' entry"),  # was a bare KeyError
+        ({"params": None}, TypeError, "'params' must be a tensor or an iterable of tensors, got None"),
+        ({"params": "p*2"}, ValueError, r"parameter 0 of param group 0 .* is not a leaf tensor"),
+        # optimizer-wide settings in a group did nothing, even invalid ones
+        ({"params": "p", "grad_clip_norm": -5}, ValueError, "param group 0: 'grad_clip_norm' is a setting of the whole"),
+        ({"params": "p", "nonfinite": "bogus"}, ValueError, "param group 0: 'nonfinite' is a setting of the whole"),
+    ],
+)
+def test_bad_param_groups_are_named(group, error, match):
+    p = torch.nn.Parameter(torch.zeros(4))
+    if "params" in group and isinstance(group["params"], str):
+        group = {**group, "params": [p * 2] if group["params"] == "p*2" else [p]}
+    with pytest.raises(error, match=match):
+        lionkit.Lion([group])
+
+
 def test_warnings_point_at_the_callers_line():
     # the step runs through wrappers of lionkit and torch: a fixed stacklevel pointed inside them
     p = torch.nn.Parameter(torch.zeros(4))

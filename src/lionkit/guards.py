@@ -47,7 +47,10 @@ def param_list(params: Any) -> list[torch.Tensor]:
     if isinstance(params, set):
         raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
                         "tensors in sets will change between runs. Please use a list instead.")
-    return list(params)
+    try:
+        return list(params)
+    except TypeError:
+        raise TypeError(f"a param group's 'params' must be a tensor or an iterable of tensors, got {params!r}") from None
 
 
 def check_param(p: Any, gi: int, i: int) -> None:
@@ -148,6 +151,11 @@ def check_new_group(
     new_memory: dict[tuple, tuple[int, int]] = {}
     for i, p in enumerate(params):
         check_param(p, gi, i)
+        if not (p.is_leaf or p.retains_grad):
+            raise ValueError(
+                f"{where(gi, i, p)} is not a leaf tensor (it is computed from other tensors): an optimizer "
+                "updates leaves, e.g. a model's nn.Parameters"
+            )
         place = seen.get(id(p), new_seen.get(id(p)))
         if place is not None:
             raise ValueError(

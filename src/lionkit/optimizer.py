@@ -67,6 +67,9 @@ def _not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
     return disable(fn) if disable is not None else fn
 
 
+# the optimizer's own settings: in a param group they would do nothing
+_OPTIMIZER_WIDE = ("grad_clip_norm", "is_paged", "nonfinite", "stochastic_rounding", "sr_seed", "backend")
+
 _MOMENTUM_STREAM = fastpath._MOMENTUM_STREAM  # separates the 4-bit momentum's random numbers from the weights
 
 
@@ -165,6 +168,16 @@ class _LionBase(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._sync_schedules()
+        if isinstance(param_group, dict):
+            gi = len(self.param_groups)
+            if "params" not in param_group:
+                raise ValueError(f"param group {gi} has no 'params' entry (the tensors it holds)")
+            wide = sorted(k for k in param_group if k in _OPTIMIZER_WIDE)
+            if wide:
+                raise ValueError(
+                    f"param group {gi}: {', '.join(map(repr, wide))} is a setting of the whole optimizer, not of a "
+                    f"param group (a constructor argument, or an attribute: opt.{wide[0]} = ...)"
+                )
         if isinstance(param_group, dict) and callable(param_group.get("lr")):
             schedule = param_group["lr"]
             param_group = {**param_group, "lr": self._lr_value(schedule, 0)}
@@ -215,6 +228,11 @@ class _LionBase(torch.optim.Optimizer):
         if owners is None:  # pickled by an older lionkit: the schedules were in the groups' order
             owners = self._sched_owners = list(groups[: len(self._lr_schedules)])
         if len(owners) == len(groups) and all(map(operator.is_, owners, groups)):
+            for gi, group in enumerate(groups):  # a callable set as a group's lr by hand
+                if callable(group.get("lr")):
+                    self._lr_schedules[gi] = group["lr"]
+                    group["lr"] = self._sched_lr[gi] = self._lr_value(self._lr_schedules[gi], 0)
+                    self._plan = None
             return
         by_dict = {id(g): (g, i) for i, g in enumerate(owners)}
         # the old dicts keep their parameters alive, so these ids are not reused meanwhile; a
@@ -227,7 +245,7 @@ class _LionBase(torch.optim.Optimizer):
         for gi, group in enumerate(groups):
             hit = by_dict.get(id(group))
             old = hit[1] if hit is not None and hit[0] is group else None
-            if old is None and isinstance(group, dict) and callable(group.get("lr")):
+            if isinstance(group, dict) and callable(group.get("lr")):
                 schedule = group["lr"]
                 group["lr"] = sched_lr[gi] = self._lr_value(schedule, 0)
                 schedules.append(schedule)

@@ -397,9 +397,6 @@ def test_callable_lr_set_into_a_group_by_hand_becomes_its_schedule():
         ({"lr": 0.1}, ValueError, "param group 0 has no 'params' entry"),  # was a bare KeyError
         ({"params": None}, TypeError, "'params' must be a tensor or an iterable of tensors, got None"),
         ({"params": "p*2"}, ValueError, r"parameter 0 of param group 0 .* is not a leaf tensor"),
-        # optimizer-wide settings in a group did nothing, even invalid ones
-        ({"params": "p", "grad_clip_norm": -5}, ValueError, "param group 0: 'grad_clip_norm' is a setting of the whole"),
-        ({"params": "p", "nonfinite": "bogus"}, ValueError, "param group 0: 'nonfinite' is a setting of the whole"),
     ],
 )
 def test_bad_param_groups_are_named(group, error, match):
@@ -408,6 +405,17 @@ def test_bad_param_groups_are_named(group, error, match):
         group = {**group, "params": [p * 2] if group["params"] == "p*2" else [p]}
     with pytest.raises(error, match=match):
         lionkit.Lion([group])
+
+
+def test_optimizer_wide_settings_in_groups_are_left_alone():
+    # torch's ZeroRedundancyOptimizer puts its keyword arguments into every param group as well
+    # as passing them to the constructor: they must not be refused there
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = lionkit.Lion8bit([{"params": [p], "grad_clip_norm": 1.0, "backend": "torch", "nonfinite": "skip"}],
+                           grad_clip_norm=1.0, backend="torch", nonfinite="skip")
+    p.grad = torch.ones(4)
+    opt.step()
+    assert opt.grad_clip_norm == 1.0 and opt.param_groups[0]["backend"] == "torch"
 
 
 def test_warnings_point_at_the_callers_line():

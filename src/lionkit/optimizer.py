@@ -67,9 +67,6 @@ def _not_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
     return disable(fn) if disable is not None else fn
 
 
-# the optimizer's own settings: in a param group they would do nothing
-_OPTIMIZER_WIDE = ("grad_clip_norm", "is_paged", "nonfinite", "stochastic_rounding", "sr_seed", "backend")
-
 _MOMENTUM_STREAM = fastpath._MOMENTUM_STREAM  # separates the 4-bit momentum's random numbers from the weights
 
 
@@ -172,12 +169,9 @@ class _LionBase(torch.optim.Optimizer):
             gi = len(self.param_groups)
             if "params" not in param_group:
                 raise ValueError(f"param group {gi} has no 'params' entry (the tensors it holds)")
-            wide = sorted(k for k in param_group if k in _OPTIMIZER_WIDE)
-            if wide:
-                raise ValueError(
-                    f"param group {gi}: {', '.join(map(repr, wide))} is a setting of the whole optimizer, not of a "
-                    f"param group (a constructor argument, or an attribute: opt.{wide[0]} = ...)"
-                )
+            # settings of the whole optimizer (grad_clip_norm, backend, ...) in a group are left
+            # there unread: torch's ZeroRedundancyOptimizer puts its keyword arguments, which it
+            # also passes to the constructor, into every group
         if isinstance(param_group, dict) and callable(param_group.get("lr")):
             schedule = param_group["lr"]
             param_group = {**param_group, "lr": self._lr_value(schedule, 0)}

@@ -3,8 +3,9 @@ all-reduced (averaged) gradient, so every rank's optimizer takes the same step.
 
 2 gloo ranks spawned by the test, each with its own batch, against one process that computes
 both ranks' gradients and averages them as DDP does (g0 / 2 + g1 / 2): equal bit for bit, step by
-step, for 8-bit and 32-bit state with every clipping on; and a checkpoint written by rank 0 and
-loaded by every rank continues exactly.
+step, for 8-bit and 32-bit state with every clipping on; a checkpoint written by rank 0 and
+loaded by every rank continues exactly; and ZeroRedundancyOptimizer around Lion8bit (each rank
+holding a partition) takes the same steps.
 """
 
 from __future__ import annotations
@@ -90,6 +91,22 @@ def _worker(rank: int, port: int, folder: str) -> None:
         resume = max(float((a - b).abs().max()) for a, b in zip(resumed.parameters(), ddp.parameters()))
         out[name] = {"max_abs_per_step": diffs, "resume_max_abs": resume,
                      "moved": max(float((a - b).abs().max()) for a, b in zip(ref.parameters(), build().parameters()))}
+    # ZeroRedundancyOptimizer: each rank's lionkit optimizer holds a partition; ZeRO puts its
+    # keyword arguments (lionkit's optimizer-wide ones included) into every param group as well
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    kw = dict(lr=3e-3, min_8bit_size=1000, weight_decay=0.1, percentile_clipping=90, nonfinite="raise", backend="auto")
+    ddp, ref = DDP(build()), build()
+    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=lionkit.Lion8bit, **kw)
+    ropt = lionkit.Lion8bit(ref.parameters(), **kw)
+    diffs = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_fn(ddp, *batch(rank, step)).backward()
+        opt.step()
+        reference_step(ref, ropt, step)
+        diffs.append(max(float((a - b).abs().max()) for a, b in zip(ddp.parameters(), ref.parameters())))
+    out["zero"] = {"max_abs_per_step": diffs}
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
@@ -118,6 +135,11 @@ def test_ddp_steps_equal_single_process_average(ddp_run, name):
 def test_ddp_checkpoint_from_rank0_resumes_exactly(ddp_run, name):
     for rank, res in enumerate(ddp_run):
         assert res[name]["resume_max_abs"] == 0.0, f"rank {rank}: {res[name]}"
+
+
+def test_zero_redundancy_optimizer_steps_equal_single_process_average(ddp_run):
+    for rank, res in enumerate(ddp_run):
+        assert res["zero"]["max_abs_per_step"] == [0.0] * STEPS, f"rank {rank}: {res['zero']}"
 
 
 def test_stochastic_rounding_without_a_seed_warns_under_torch_distributed(monkeypatch):

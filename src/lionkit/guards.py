@@ -7,6 +7,7 @@ writes anything, so bad input is reported with the parameter's name and nothing 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -82,8 +83,6 @@ def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by the caller point at the user's code:
     the first frame outside lionkit and torch (the step goes through wrappers of both, so a
     fixed count would point inside them)."""
-    import os
-
     # the packages' folders with a trailing separator: "torch/" is not "torchvision/"
     inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
     frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1

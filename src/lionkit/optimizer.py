@@ -144,6 +144,7 @@ class _LionBase(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.register_state_dict_pre_hook(_refuse_if_torn)
+        self.register_state_dict_pre_hook(_schedules_synced)
         self.register_state_dict_post_hook(_plain_groups)
         # FSDP2 (DTensor) parameters: save their state in a form that reshards (distributed.py)
         self.register_state_dict_post_hook(distributed.state_dict_post_hook)
@@ -165,8 +166,8 @@ class _LionBase(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._sync_schedules()
+        gi = len(self.param_groups)  # the index the group will have
         if isinstance(param_group, dict):
-            gi = len(self.param_groups)
             if "params" not in param_group:
                 raise ValueError(f"param group {gi} has no 'params' entry (the tensors it holds)")
             # settings of the whole optimizer (grad_clip_norm, backend, ...) in a group are left
@@ -186,7 +187,7 @@ class _LionBase(torch.optim.Optimizer):
             if any(named):  # model.named_parameters(): (name, tensor) pairs, as torch >= 2.6 takes them
                 if not all(named) or not all(len(x) == 2 and isinstance(x[0], str) for x in params):
                     raise ValueError(
-                        f"param group {len(self.param_groups)}: give every parameter as a tensor or every one as a "
+                        f"param group {gi}: give every parameter as a tensor or every one as a "
                         "(name, tensor) pair (model.named_parameters()), not a mix"
                     )
                 param_group["param_names"] = [name for name, _ in params]
@@ -204,12 +205,12 @@ class _LionBase(torch.optim.Optimizer):
             try:  # the group's own values with the defaults it will take (optim_bits=4 per tensor)
                 config.check_bits_layout({**self.defaults, **param_group})
             except ValueError as e:
-                raise ValueError(f"param group {len(self.param_groups)}: {e}") from None
+                raise ValueError(f"param group {gi}: {e}") from None
         super().add_param_group(param_group)
         self._lr_schedules.append(schedule)
-        self._sched_owners.append(self.param_groups[-1])
+        self._sched_owners.append(self.param_groups[gi])
         if schedule is not None:
-            self._sched_lr[len(self.param_groups) - 1] = self.param_groups[-1]["lr"]
+            self._sched_lr[gi] = self.param_groups[gi]["lr"]
 
     def _sync_schedules(self) -> None:
         """Keep each lr schedule with its group when ``param_groups`` was replaced from outside
@@ -221,12 +222,8 @@ class _LionBase(torch.optim.Optimizer):
         owners = self.__dict__.get("_sched_owners")
         if owners is None:  # pickled by an older lionkit: the schedules were in the groups' order
             owners = self._sched_owners = list(groups[: len(self._lr_schedules)])
-        if len(owners) == len(groups) and all(map(operator.is_, owners, groups)):
-            for gi, group in enumerate(groups):  # a callable set as a group's lr by hand
-                if callable(group.get("lr")):
-                    self._lr_schedules[gi] = group["lr"]
-                    group["lr"] = self._sched_lr[gi] = self._lr_value(self._lr_schedules[gi], 0)
-                    self._plan = None
+        unchanged = len(owners) == len(groups) and all(map(operator.is_, owners, groups))
+        if unchanged and not any(callable(g.get("lr")) for g in groups):  # nor a callable set as an lr by hand
             return
         by_dict = {id(g): (g, i) for i, g in enumerate(owners)}
         # the old dicts keep their parameters alive, so these ids are not reused meanwhile; a
@@ -237,16 +234,16 @@ class _LionBase(torch.optim.Optimizer):
         sched_lr: dict[int, Any] = {}
         now_warned: set[int] = set()
         for gi, group in enumerate(groups):
-            hit = by_dict.get(id(group))
-            old = hit[1] if hit is not None and hit[0] is group else None
-            if isinstance(group, dict) and callable(group.get("lr")):
+            if callable(group.get("lr")):
                 schedule = group["lr"]
                 group["lr"] = sched_lr[gi] = self._lr_value(schedule, 0)
                 schedules.append(schedule)
                 continue
-            if old is None and isinstance(group, dict) and isinstance(group.get("params"), (list, tuple)) and group["params"]:
+            hit = by_dict.get(id(group))
+            old = hit[1] if hit is not None and hit[0] is group else None
+            if old is None and group.get("params"):
                 old = by_params.get(tuple(map(id, group["params"])))
-            schedule = self._lr_schedules[old] if old is not None and old < len(self._lr_schedules) else None
+            schedule = None if old is None else self._lr_schedules[old]  # owners and schedules: one order
             if schedule is not None:
                 written = self._sched_lr.get(old)
                 sched_lr[gi] = written if written is not None else group["lr"]
@@ -823,8 +820,12 @@ def _plain_groups(optimizer: _LionBase, state_dict: dict[str, Any]) -> None:
 
 
 def _refuse_if_torn(optimizer: _LionBase) -> None:
-    """state_dict pre-hook: never save a torn state without the user's say-so; and a group
-    assigned with a callable lr has it taken as its schedule (a function cannot be saved)."""
+    """state_dict pre-hook: never save a torn state without the user's say-so."""
     if getattr(optimizer, "torn", None) is not None:
         raise RuntimeError(_torn_message(optimizer.torn))
+
+
+def _schedules_synced(optimizer: _LionBase) -> None:
+    """state_dict pre-hook: a group assigned with a callable lr has it taken as its schedule
+    first (a function cannot be saved)."""
     optimizer._sync_schedules()

@@ -96,6 +96,24 @@ def clip_by_global_norm(max_norm: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(inner.init, update_fn)
 
 
+def check_clips(grad_clip_norm: Any, grad_clip_value: Any) -> None:
+    """The clipping thresholds: each None (off) or a number > 0 (+inf: no clipping)."""
+    for name, value in (("grad_clip_norm", grad_clip_norm), ("grad_clip_value", grad_clip_value)):
+        if value is not None:
+            _check_scalar(name, value, positive=True, allow_schedule=False)
+
+
+def input_stages(grad_clip_norm: Any, grad_clip_value: Any) -> list[optax.GradientTransformation]:
+    """The chain's first stages, in braintools' order: fp32 gradients, then the global-norm and
+    the elementwise clip where asked for (``optax.clip(inf)`` is the identity)."""
+    parts = [promote_to_float32()]
+    if grad_clip_norm is not None:
+        parts.append(clip_by_global_norm(grad_clip_norm))
+    if grad_clip_value is not None:
+        parts.append(optax.clip(grad_clip_value))
+    return parts
+
+
 def _is_constant_zero(value: Any) -> bool:
     # only a Python/numpy zero: a JAX array may be traced (optax.inject_hyperparams passes
     # arrays to init and tracers to update), and the chain must have the same stages in both
@@ -179,16 +197,9 @@ def lion(
     _check_beta("b1", b1)
     _check_beta("b2", b2)
     check_quant_args(state_bits, block_size, min_8bit_size)  # early errors; scale_by_lion converts
-    if grad_clip_norm is not None:
-        _check_scalar("grad_clip_norm", grad_clip_norm, positive=True, allow_schedule=False)
-    if grad_clip_value is not None:
-        _check_scalar("grad_clip_value", grad_clip_value, positive=True, allow_schedule=False)
+    check_clips(grad_clip_norm, grad_clip_value)
 
-    parts = [promote_to_float32()]
-    if grad_clip_norm is not None:
-        parts.append(clip_by_global_norm(grad_clip_norm))
-    if grad_clip_value is not None:  # optax.clip(inf) is the identity
-        parts.append(optax.clip(grad_clip_value))
+    parts = input_stages(grad_clip_norm, grad_clip_value)
     parts.append(
         scale_by_lion(b1, b2, state_bits, block_size, mu_dtype, min_8bit_size=min_8bit_size)
     )

@@ -20,12 +20,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without the extra
     ) from _e
 
 from .. import interop
-from .alias import (
-    _check_scalar,
-    add_decayed_weights,
-    clip_by_global_norm,
-    promote_to_float32,
-)
+from .alias import _check_scalar, add_decayed_weights, check_clips, input_stages
 from .transform import _check_beta, check_quant_args, scale_by_lion
 
 
@@ -81,10 +76,7 @@ class Lion(OptaxOptimizer):
         if not callable(lr) and not hasattr(lr, "step"):  # a number, not a scheduler
             _check_scalar("lr", lr, positive=False, allow_schedule=False)
         _check_scalar("weight_decay", weight_decay, positive=False, allow_schedule=False)
-        if grad_clip_norm is not None:
-            _check_scalar("grad_clip_norm", grad_clip_norm, positive=True, allow_schedule=False)
-        if grad_clip_value is not None:
-            _check_scalar("grad_clip_value", grad_clip_value, positive=True, allow_schedule=False)
+        check_clips(grad_clip_norm, grad_clip_value)
         betas = tuple(betas)
         if len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (must be two values)")
@@ -102,11 +94,7 @@ class Lion(OptaxOptimizer):
 
     def default_tx(self) -> optax.GradientTransformation:
         """braintools' Lion chain around lionkit's ``scale_by_lion``."""
-        parts = [promote_to_float32()]
-        if self.grad_clip_norm is not None:
-            parts.append(clip_by_global_norm(self.grad_clip_norm))
-        if self.grad_clip_value is not None:
-            parts.append(optax.clip(self.grad_clip_value))
+        parts = input_stages(self.grad_clip_norm, self.grad_clip_value)
         parts.append(
             scale_by_lion(self.betas[0], self.betas[1], self.state_bits, self.block_size, min_8bit_size=self.min_8bit_size)
         )

@@ -207,21 +207,18 @@ class Lion8bit(Lion):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         """One Lion update with the momentum dequantized, updated and requantized."""
-        if "codes" not in state:
-            if "m" in state and parameter.size >= self.min_8bit_size:
-                # a 32-bit state (saved by Lion) for a parameter kept in 8 bits here: this step
-                # starts from the exact momentum and stores the new one as codes
-                m = state.pop("m")
-                w, m_new = self._step(gradient, parameter, m.astype(_math_dtype(parameter.dtype)))
-                state["codes"], state["absmax"] = quant.quantize(m_new, self.block_size)
-                state["block_size"] = _block_size_array(self.block_size)
-                return w.astype(parameter.dtype)
+        if "codes" in state:
+            self._check_layout(state)
+            m = quant.dequantize(state["codes"], state["absmax"], self.block_size)
+        elif "m" in state and parameter.size >= self.min_8bit_size:
+            # a 32-bit state (saved by Lion) for a parameter kept in 8 bits here: this step
+            # starts from the exact momentum and stores the new one as codes
+            m = state.pop("m")
+            state["block_size"] = _block_size_array(self.block_size)
+        else:
             return super().apply_single(gradient, parameter, state)
-        self._check_layout(state)
-        codes, absmax = state["codes"], state["absmax"]
         # fp32 math, or the parameter's own when wider (CPU float64), as the 32-bit path
-        m = quant.dequantize(codes, absmax, self.block_size).astype(_math_dtype(parameter.dtype))
-        w, m_new = self._step(gradient, parameter, m)
+        w, m_new = self._step(gradient, parameter, m.astype(_math_dtype(parameter.dtype)))
         # absmax comes from the *updated* momentum, so every value fits its block's scale
         state["codes"], state["absmax"] = quant.quantize(m_new, self.block_size)
         return w.astype(parameter.dtype)

@@ -167,12 +167,11 @@ class _LionBase(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._sync_schedules()
         gi = len(self.param_groups)  # the index the group will have
-        if isinstance(param_group, dict):
-            if "params" not in param_group:
-                raise ValueError(f"param group {gi} has no 'params' entry (the tensors it holds)")
-            # settings of the whole optimizer (grad_clip_norm, backend, ...) in a group are left
-            # there unread: torch's ZeroRedundancyOptimizer puts its keyword arguments, which it
-            # also passes to the constructor, into every group
+        if isinstance(param_group, dict) and "params" not in param_group:
+            raise ValueError(f"param group {gi} has no 'params' entry (the tensors it holds)")
+        # settings of the whole optimizer (grad_clip_norm, backend, ...) in a group are left there
+        # unread: torch's ZeroRedundancyOptimizer puts its keyword arguments, which it also passes
+        # to the constructor, into every group
         if isinstance(param_group, dict) and callable(param_group.get("lr")):
             schedule = param_group["lr"]
             param_group = {**param_group, "lr": self._lr_value(schedule, 0)}

@@ -98,11 +98,15 @@ def mark_modified(params: Sequence[torch.Tensor]) -> None:
     (the compiled CPU kernel, Triton), as an in-place torch op would: a graph that saved one of
     them for backward then fails loudly ("modified by an inplace operation") instead of
     differentiating with the new weights. Torch ops bump again; counting twice is harmless."""
-    try:
-        torch.autograd.graph.increment_version(params)  # a list: one call (torch >= 2.5)
-    except TypeError:
+    if _INCREMENT_TAKES_LISTS:
+        torch.autograd.graph.increment_version(params)
+    else:
         for p in params:
             torch.autograd.graph.increment_version(p)
+
+
+# torch >= 2.5 bumps a list of tensors in one call; 2.4 takes one tensor (a list: RuntimeError)
+_INCREMENT_TAKES_LISTS = torch.__version__ >= (2, 5)
 
 
 def _memory_key(p: torch.Tensor) -> tuple | None:

@@ -15,6 +15,13 @@ from lionkit import guards, kernels, paging
 from lionkit.guards import NonFiniteGradientError
 from lionkit.kernels.torch_eager import TorchBackend
 
+# a torch without Tensor.grad_dtype (2.4 has none) refuses a gradient of another dtype than its parameter's
+NEEDS_GRAD_DTYPE = pytest.mark.skipif(
+    not hasattr(torch.Tensor, "grad_dtype"),
+    reason=f"torch {torch.__version__} has no Tensor.grad_dtype: a gradient must have its parameter's dtype",
+)
+
+
 # name -> constructor; every variant keeps percentile clipping and the global norm on, so their
 # state (gnorm_vec) and scales are part of what must stay untouched.
 VARIANTS = {
@@ -355,6 +362,7 @@ def test_grad_shape_dtype_device_mismatch_refused(variant):
         guards.check_grad(z, torch.zeros(4), 0, 0)
 
 
+@NEEDS_GRAD_DTYPE
 def test_grad_dtype_contract_follows_torch():
     # p.grad_dtype = None is torch's way to allow another gradient dtype (fp32 grads, bf16 weights)
     p = torch.nn.Parameter(torch.zeros(6, dtype=torch.bfloat16))
@@ -556,6 +564,16 @@ def test_steps_bump_the_autograd_version_of_parameters(backend):
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             (-out.mean()).backward()
         opt.zero_grad()
+
+
+def test_version_bump_one_tensor_at_a_time(monkeypatch):
+    # torch 2.4's increment_version takes one tensor (a list raises RuntimeError there)
+    seen = []
+    monkeypatch.setattr(guards, "_INCREMENT_TAKES_LISTS", False)
+    monkeypatch.setattr(torch.autograd.graph, "increment_version", lambda t: seen.append(t))
+    params = [torch.zeros(3), torch.zeros(2)]
+    guards.mark_modified(params)
+    assert len(seen) == 2 and all(a is b for a, b in zip(seen, params))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

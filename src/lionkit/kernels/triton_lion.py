@@ -20,6 +20,7 @@ same kernels on the CPU in numpy, and ``TritonBackend(allow_cpu=True)`` accepts 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import OrderedDict
 from typing import Any, Optional, Sequence
@@ -36,12 +37,30 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODE_32, _MODE_8_BLOCK, _MODE_8_TENSOR = 0, 1, 2
 
 
+MIN_TRITON = (3, 2)
+"""The oldest triton the kernels are tested with: before 3.2, Triton's CPU interpreter (where CI
+runs them) reads nothing through a pointer loaded from memory, the multi-tensor tables' way."""
+
+
+def triton_version(version: str) -> tuple[int, ...]:
+    """``"3.0.0"`` -> ``(3, 0)``; the leading numbers of a version string."""
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
 def import_triton() -> Any:
-    """The ``triton`` module, or ImportError with the install command."""
+    """The ``triton`` module, or ImportError with the install command (also for a triton
+    older than ``MIN_TRITON``)."""
     try:
         import triton
     except ImportError as e:
         raise ImportError("the Triton backend needs triton: pip install 'lionkit[triton]'") from e
+    found = getattr(triton, "__version__", "0")
+    if triton_version(found) < MIN_TRITON:
+        want = ".".join(map(str, MIN_TRITON))
+        raise ImportError(
+            f"the Triton backend needs triton >= {want} (found {found}; torch < 2.6 pins an older one): "
+            f"pip install -U 'triton>={want}', or use backend='torch'"
+        )
     return triton
 
 

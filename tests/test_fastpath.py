@@ -11,6 +11,13 @@ import torch
 import lionkit
 from lionkit import fastpath
 
+# a torch without Tensor.grad_dtype (2.4 has none) refuses a gradient of another dtype than its parameter's
+NEEDS_GRAD_DTYPE = pytest.mark.skipif(
+    not hasattr(torch.Tensor, "grad_dtype"),
+    reason=f"torch {torch.__version__} has no Tensor.grad_dtype: a gradient must have its parameter's dtype",
+)
+
+
 CONFIGS = {
     "lion32": dict(cls=lionkit.Lion, kw={}),
     "lion8-block": dict(cls=lionkit.Lion8bit, kw=dict(min_8bit_size=300)),
@@ -104,6 +111,7 @@ def test_planned_steps_are_bit_identical(monkeypatch, config, backend):
     assert pair.planned == 5  # every step after the first
 
 
+@NEEDS_GRAD_DTYPE
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_planned_low_precision_and_fp32_grads(monkeypatch, dtype):
     pair = Pair(monkeypatch, "lion8-block", "auto", dtype)
@@ -442,6 +450,7 @@ def test_group_keys_added_by_other_code_are_compared_safely(monkeypatch):
     assert pair.planned == 2  # steps 2 and 4
 
 
+@NEEDS_GRAD_DTYPE
 def test_parameter_reinterpreted_in_place_takes_the_full_path(monkeypatch):
     """Same memory, same shape, another dtype (bf16 bits read as fp16) while the gradients keep
     their dtype (``grad_dtype``): not the planned step, which would read the bits as bf16."""

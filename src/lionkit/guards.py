@@ -105,8 +105,17 @@ def mark_modified(params: Sequence[torch.Tensor]) -> None:
             torch.autograd.graph.increment_version(p)
 
 
-# torch >= 2.5 bumps a list of tensors in one call; 2.4 takes one tensor (a list: RuntimeError)
-_INCREMENT_TAKES_LISTS = torch.__version__ >= (2, 5)
+def _increment_takes_lists() -> bool:
+    """Whether this torch bumps a list of tensors in one call (2.4 takes one tensor only and
+    raises RuntimeError for a list)."""
+    try:
+        torch.autograd.graph.increment_version([torch.zeros(1)])
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+_INCREMENT_TAKES_LISTS = _increment_takes_lists()
 
 
 def _memory_key(p: torch.Tensor) -> tuple | None:

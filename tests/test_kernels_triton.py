@@ -46,7 +46,9 @@ def _interpreter_fault() -> str | None:
     out = torch.zeros(1)
     try:
         probe[(1,)](torch.tensor([1, 3], dtype=torch.int32), out)
-    except Exception as e:  # InterpreterError wrapping numpy's TypeError
+    except Exception as e:  # InterpreterError wrapping numpy's TypeError; anything else is raised
+        if "0-dimensional arrays can be converted to Python scalars" not in str(e):
+            raise
         return f"{type(e).__name__}: {e}"
     return None if out.item() == 2.0 else f"the probe loop ran {out.item()} times, not 2"
 
@@ -128,24 +130,6 @@ def test_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     assert not triton_lion.TritonBackend().supports(torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="cuda"):
         kernels.resolve("triton", torch.device("cpu"))
-
-
-def test_older_triton_refused_with_the_fix_and_auto_falls_back(monkeypatch):
-    import triton
-
-    assert triton_lion.triton_version("3.0.0") == (3, 0)
-    assert triton_lion.triton_version("3.2.0+git5a3f2e1") == (3, 2)
-    assert triton_lion.triton_version("3.10.1") == (3, 10)
-    monkeypatch.setattr(triton, "__version__", "3.1.0")
-    with pytest.raises(ImportError, match=r"triton >= 3\.2 \(found 3\.1\.0.*pip install -U 'triton>=3\.2'"):
-        triton_lion.TritonBackend(allow_cpu=True)
-    # backend="auto" on a GPU: the eager backend, with the reason on record
-    monkeypatch.setattr(kernels, "_cache", {})
-    monkeypatch.setattr(kernels, "_unavailable", {})
-    assert kernels.resolve("auto", torch.device("cuda")).name == "torch"
-    assert "found 3.1.0" in kernels.unavailable()["triton"]
-    with pytest.raises(ImportError, match="found 3.1.0"):
-        kernels.resolve("triton", torch.device("cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")

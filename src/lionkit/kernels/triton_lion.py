@@ -58,8 +58,9 @@ def import_triton() -> Any:
     if triton_version(found) < MIN_TRITON:
         want = ".".join(map(str, MIN_TRITON))
         raise ImportError(
-            f"the Triton backend needs triton >= {want} (found {found}; torch < 2.6 pins an older one): "
-            f"pip install -U 'triton>={want}', or use backend='torch'"
+            f"the Triton backend needs triton >= {want} (found {found}, which torch < 2.6 pins): "
+            f"pip install -U 'torch>=2.6' brings it (a newer triton alone breaks that torch's "
+            f"torch.compile); or use backend='torch'"
         )
     return triton
 

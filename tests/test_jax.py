@@ -106,14 +106,16 @@ def test_matches_optax_lion_bitwise_under_jit():
 
 
 def _optax_takes_wd_schedules() -> bool:
-    """Whether optax's own weight decay (the reference below) takes a schedule: from 0.2.7."""
-    tx = optax.add_decayed_weights(lambda count: 0.1)
+    """Whether optax's own weight decay (the reference below) follows a schedule: from 0.2.7
+    (0.2.4-0.2.5 refuse one; 0.2.6 takes one but never advances its step count)."""
+    tx = optax.add_decayed_weights(lambda count: count * 1.0)
     p = {"w": jnp.ones(2)}
     try:
-        tx.update(p, tx.init(p), p)
+        u0, state = tx.update({"w": jnp.zeros(2)}, tx.init(p), p)
+        u1, _ = tx.update({"w": jnp.zeros(2)}, state, p)
     except TypeError:
         return False
-    return True
+    return float(u0["w"][0]) == 0.0 and float(u1["w"][0]) == 1.0
 
 
 @pytest.mark.skipif(

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton not installed (pip install 'lionkit[triton]')")
 
-from lionkit import kernels  # noqa: E402
-from lionkit.kernels import triton_lion  # noqa: E402
+from lionkit import kernels
+from lionkit.kernels import triton_lion
 
 
 def test_older_triton_refused_with_the_fix_and_auto_falls_back(monkeypatch):

@@ -569,7 +569,7 @@ def test_steps_bump_the_autograd_version_of_parameters(backend):
 def test_version_bump_one_tensor_at_a_time(monkeypatch):
     # torch 2.4's increment_version takes one tensor (a list raises RuntimeError there)
     seen = []
-    monkeypatch.setattr(guards, "_INCREMENT_TAKES_LISTS", False)
+    monkeypatch.setattr(guards, "_increment_takes_lists", lambda: False)
     monkeypatch.setattr(torch.autograd.graph, "increment_version", lambda t: seen.append(t))
     params = [torch.zeros(3), torch.zeros(2)]
     guards.mark_modified(params)

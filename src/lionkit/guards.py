@@ -7,6 +7,7 @@ writes anything, so bad input is reported with the parameter's name and nothing 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections import defaultdict
@@ -98,24 +99,23 @@ def mark_modified(params: Sequence[torch.Tensor]) -> None:
     (the compiled CPU kernel, Triton), as an in-place torch op would: a graph that saved one of
     them for backward then fails loudly ("modified by an inplace operation") instead of
     differentiating with the new weights. Torch ops bump again; counting twice is harmless."""
-    if _INCREMENT_TAKES_LISTS:
+    if _increment_takes_lists():
         torch.autograd.graph.increment_version(params)
     else:
         for p in params:
             torch.autograd.graph.increment_version(p)
 
 
+@functools.cache
 def _increment_takes_lists() -> bool:
     """Whether this torch bumps a list of tensors in one call (2.4 takes one tensor only and
-    raises RuntimeError for a list)."""
+    raises RuntimeError for a list). Found at the first step, not at import: a probe tensor
+    there would follow ``torch.set_default_device`` and could initialise CUDA in the importer."""
     try:
-        torch.autograd.graph.increment_version([torch.zeros(1)])
+        torch.autograd.graph.increment_version([torch.zeros(1, device="cpu")])
     except Exception:  # RuntimeError on 2.4; whatever else a build raises, one at a time works
         return False
     return True
-
-
-_INCREMENT_TAKES_LISTS = _increment_takes_lists()
 
 
 def _memory_key(p: torch.Tensor) -> tuple | None:

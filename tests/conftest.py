@@ -17,6 +17,13 @@ PARAM_RTOL = {torch.float32: 2.5e-7, torch.float16: 2**-11 + 1e-6, torch.bfloat1
 PARAM_ATOL = {d: torch.finfo(d).smallest_normal * torch.finfo(d).eps / 2 for d in PARAM_RTOL}
 
 
+# a torch without Tensor.grad_dtype (2.4 has none) refuses a gradient of another dtype than its parameter's
+NEEDS_GRAD_DTYPE = pytest.mark.skipif(
+    not hasattr(torch.Tensor, "grad_dtype"),
+    reason=f"torch {torch.__version__} has no Tensor.grad_dtype: a gradient must have its parameter's dtype",
+)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_manager():
     """Overrides are process-global: every test starts and ends with none."""

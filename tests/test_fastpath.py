@@ -7,16 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import NEEDS_GRAD_DTYPE
 
 import lionkit
 from lionkit import fastpath
-
-# a torch without Tensor.grad_dtype (2.4 has none) refuses a gradient of another dtype than its parameter's
-NEEDS_GRAD_DTYPE = pytest.mark.skipif(
-    not hasattr(torch.Tensor, "grad_dtype"),
-    reason=f"torch {torch.__version__} has no Tensor.grad_dtype: a gradient must have its parameter's dtype",
-)
-
 
 CONFIGS = {
     "lion32": dict(cls=lionkit.Lion, kw={}),

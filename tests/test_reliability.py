@@ -9,18 +9,12 @@ import copy
 
 import pytest
 import torch
+from conftest import NEEDS_GRAD_DTYPE
 
 import lionkit
 from lionkit import guards, kernels, paging
 from lionkit.guards import NonFiniteGradientError
 from lionkit.kernels.torch_eager import TorchBackend
-
-# a torch without Tensor.grad_dtype (2.4 has none) refuses a gradient of another dtype than its parameter's
-NEEDS_GRAD_DTYPE = pytest.mark.skipif(
-    not hasattr(torch.Tensor, "grad_dtype"),
-    reason=f"torch {torch.__version__} has no Tensor.grad_dtype: a gradient must have its parameter's dtype",
-)
-
 
 # name -> constructor; every variant keeps percentile clipping and the global norm on, so their
 # state (gnorm_vec) and scales are part of what must stay untouched.
